@@ -1,0 +1,126 @@
+// Argument checks and layout decisions shared by every C++ backend (CPU and CUDA), so
+// that a bad call fails with the same message whichever device it is on (SPEC §4).
+// The Python-side backends use fanet_kernels/_validate.py, which says the same things.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <string>
+#include <tuple>
+
+namespace fanet {
+
+inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "fanet: argument '", name,
+              "' must be a floating tensor (float32, float64, float16 or bfloat16), got ", st);
+}
+
+// x, u: (N, C, H, W), same shape, dtype and device, H*W >= 1; k: (N,), floating, same device.
+inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "fanet: argument 'x' must be 4-D (N, C, H, W), got ", x.dim(),
+              "-D with shape ", shape_str(x));
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(u.dim() == 4, "fanet: argument 'u' must be 4-D (N, C, H, W) like x, got ", u.dim(),
+              "-D with shape ", shape_str(u));
+  TORCH_CHECK_VALUE(u.sizes() == x.sizes(), "fanet: argument 'u' must have the shape of x ",
+              shape_str(x), ", got ", shape_str(u));
+  TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), "fanet: argument 'u' must have the dtype of x (",
+              x.scalar_type(), "), got ", u.scalar_type());
+  TORCH_CHECK_VALUE(u.device() == x.device(), "fanet: argument 'u' must be on the device of x (",
+              x.device(), "), got ", u.device());
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "fanet: argument 'x' must have H*W >= 1, got shape ",
+              shape_str(x));
+  TORCH_CHECK_VALUE(k.dim() == 1 && k.size(0) == x.size(0), "fanet: argument 'k' must have shape (N,) = (",
+              x.size(0), ",), got ", shape_str(k));
+  check_float(k, "k");
+  TORCH_CHECK_VALUE(k.device() == x.device(), "fanet: argument 'k' must be on the device of x (",
+              x.device(), "), got ", k.device());
+}
+
+// x as for the gate; w1: (H1, C), b1: (H1,), w2: (1, H1), b2: (1,), one floating dtype, x's device.
+inline void check_focus_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                             const at::Tensor& w2, const at::Tensor& b2) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "fanet: argument 'x' must be 4-D (N, C, H, W), got ", x.dim(),
+              "-D with shape ", shape_str(x));
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "fanet: argument 'x' must have H*W >= 1, got shape ",
+              shape_str(x));
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1,
+              "fanet: argument 'w1' must have shape (H1, C) with C = ", C, ", got ", shape_str(w1));
+  const int64_t H1 = w1.size(0);
+  TORCH_CHECK_VALUE(b1.dim() == 1 && b1.size(0) == H1, "fanet: argument 'b1' must have shape (", H1,
+              ",), got ", shape_str(b1));
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == 1 && w2.size(1) == H1,
+              "fanet: argument 'w2' must have shape (1, ", H1, "), got ", shape_str(w2));
+  TORCH_CHECK_VALUE(b2.dim() == 1 && b2.size(0) == 1, "fanet: argument 'b2' must have shape (1,), got ",
+              shape_str(b2));
+  const std::pair<const at::Tensor*, const char*> ws[] = {{&w1, "w1"}, {&b1, "b1"}, {&w2, "w2"}, {&b2, "b2"}};
+  for (const auto& [t, name] : ws) {
+    check_float(*t, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == w1.scalar_type(), "fanet: argument '", name,
+                "' must have the dtype of w1 (", w1.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), "fanet: argument '", name,
+                "' must be on the device of x (", x.device(), "), got ", t->device());
+  }
+}
+
+// The memory format the kernels run in: channels_last when x is laid out that way (and not
+// also plain-contiguous, as when C == 1 or H == W == 1), else contiguous.  Any other stride
+// pattern is made contiguous explicitly.  _validate.out_memory_format mirrors this rule.
+inline at::MemoryFormat kernel_memory_format(const at::Tensor& x) {
+  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+// A tensor in the given layout, copied only when it is not already.
+inline at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+// Gradient check for the backward ops: same shape as x, floating.
+inline void check_grad_like(const at::Tensor& g, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(g.sizes() == x.sizes(), "fanet: argument '", name, "' must have the shape of x ",
+              shape_str(x), ", got ", shape_str(g));
+  check_float(g, name);
+  TORCH_CHECK_VALUE(g.device() == x.device(), "fanet: argument '", name, "' must be on the device of x (",
+              x.device(), "), got ", g.device());
+}
+
+// The dtype the kernels accumulate in: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType acc_dtype(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checked gate inputs in the layout the kernels run in, k in the accumulation dtype.
+struct GateInputs {
+  at::Tensor x, u, k;
+  at::MemoryFormat fmt;
+};
+
+inline GateInputs prepare_gate(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k) {
+  check_gate_args(x, u, k);
+  const auto fmt = kernel_memory_format(x);
+  return {in_format(x, fmt), in_format(u, fmt), k.to(acc_dtype(x.scalar_type())).contiguous(), fmt};
+}
+
+// Focus weights in the accumulation dtype of x, contiguous (they are tiny).
+struct FocusWeights {
+  at::Tensor w1, b1, w2, b2;
+};
+
+inline FocusWeights prepare_focus_weights(const at::Tensor& x, const at::Tensor& w1,
+                                          const at::Tensor& b1, const at::Tensor& w2,
+                                          const at::Tensor& b2) {
+  check_focus_args(x, w1, b1, w2, b2);
+  const auto acc = acc_dtype(x.scalar_type());
+  return {w1.to(acc).contiguous(), b1.to(acc).contiguous(), w2.to(acc).contiguous(),
+          b2.to(acc).contiguous()};
+}
+
+}  // namespace fanet

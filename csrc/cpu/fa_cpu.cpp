@@ -1,0 +1,471 @@
+// Fused CPU kernels for the fanet ops (SPEC §4).
+//
+// Each forward and each backward is one sweep over the activations.  Work is split
+// into units whose boundaries depend only on the shapes (a (n, c) plane in NCHW, a
+// (n, channel block) column in channels_last), so every sum is taken in the same order
+// whatever the thread count: the results, grad_k included, are deterministic.
+// The per-element arithmetic is fanet::math (csrc/common/fa_math.h), shared with CUDA.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/fa_math.h"
+
+namespace fanet {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+namespace vec = at::vec;
+
+// Moves 2 * Vectorized<acc_t>::size() elements of scalar_t as two accumulator vectors,
+// so float16/bfloat16 are widened to float32 on load and rounded once on store.
+template <typename scalar_t>
+struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using AVec = vec::Vectorized<acc_t>;
+  static constexpr int64_t kStep = 2 * AVec::size();
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static_assert(!kReduced || vec::Vectorized<scalar_t>::size() == kStep,
+                "reduced-precision vectors must hold two float vectors");
+
+  static inline void load(const scalar_t* p, AVec& a, AVec& b) {
+    if constexpr (kReduced) {
+      std::tie(a, b) = vec::convert_to_float<scalar_t>(vec::Vectorized<scalar_t>::loadu(p));
+    } else {
+      a = AVec::loadu(p);
+      b = AVec::loadu(p + AVec::size());
+    }
+  }
+  static inline void store(scalar_t* p, const AVec& a, const AVec& b) {
+    if constexpr (kReduced) {
+      vec::convert_from_float<scalar_t>(a, b).store(p);
+    } else {
+      a.store(p);
+      b.store(p + AVec::size());
+    }
+  }
+  static inline acc_t sum(const AVec& a, const AVec& b) {
+    return vec::vec_reduce_all<acc_t>([](AVec& l, AVec& r) { return l + r; }, a + b);
+  }
+};
+
+// Channel block of one channels_last work unit: its running sums stay in L1.
+constexpr int64_t kChannelBlock = 256;
+
+// About this many elements per parallel task keeps threads busy without overhead.
+inline int64_t grain_for(int64_t unit_elems) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, unit_elems));
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward sweeps.  Mode kGate writes out; kGatePool writes out and its channel means;
+// kPool only reads x and writes its channel means (focus).
+enum class Fwd { kGate, kGatePool, kPool };
+
+template <typename scalar_t, Fwd kMode>
+void forward_nchw(const scalar_t* x, const scalar_t* u, const at::opmath_type<scalar_t>* k,
+                  scalar_t* out, at::opmath_type<scalar_t>* pooled, int64_t N, int64_t C, int64_t HW) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t base = p * HW;
+      const acc_t kn = kMode == Fwd::kPool ? acc_t(0) : k[p / C];
+      const AVec kv(kn);
+      AVec s0(acc_t(0)), s1(acc_t(0));
+      int64_t i = 0;
+      for (; i + L::kStep <= HW; i += L::kStep) {
+        AVec x0, x1;
+        L::load(x + base + i, x0, x1);
+        if constexpr (kMode == Fwd::kPool) {
+          s0 = s0 + x0;
+          s1 = s1 + x1;
+        } else {
+          AVec u0, u1;
+          L::load(u + base + i, u0, u1);
+          const AVec o0 = math::gate(x0, u0, kv), o1 = math::gate(x1, u1, kv);
+          L::store(out + base + i, o0, o1);
+          if constexpr (kMode == Fwd::kGatePool) {
+            s0 = s0 + o0;
+            s1 = s1 + o1;
+          }
+        }
+      }
+      acc_t s = kMode == Fwd::kGate ? acc_t(0) : L::sum(s0, s1);
+      for (; i < HW; ++i) {
+        const acc_t xv = acc_t(x[base + i]);
+        if constexpr (kMode == Fwd::kPool) {
+          s += xv;
+        } else {
+          const acc_t o = math::gate(xv, acc_t(u[base + i]), kn);
+          out[base + i] = scalar_t(o);
+          s += o;
+        }
+      }
+      if constexpr (kMode != Fwd::kGate) pooled[p] = s * inv_hw;
+    }
+  });
+}
+
+template <typename scalar_t, Fwd kMode>
+void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<scalar_t>* k,
+                  scalar_t* out, at::opmath_type<scalar_t>* pooled, int64_t N, int64_t C, int64_t HW) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
+    acc_t sums[kChannelBlock];
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t n = unit / blocks;
+      const int64_t c0 = (unit % blocks) * kChannelBlock;
+      const int64_t cb = std::min(kChannelBlock, C - c0);
+      const acc_t kn = kMode == Fwd::kPool ? acc_t(0) : k[n];
+      const AVec kv(kn);
+      std::fill(sums, sums + cb, acc_t(0));
+      for (int64_t hw = 0; hw < HW; ++hw) {
+        const int64_t base = (n * HW + hw) * C + c0;
+        int64_t j = 0;
+        for (; j + L::kStep <= cb; j += L::kStep) {
+          AVec x0, x1;
+          L::load(x + base + j, x0, x1);
+          AVec v0 = x0, v1 = x1;
+          if constexpr (kMode != Fwd::kPool) {
+            AVec u0, u1;
+            L::load(u + base + j, u0, u1);
+            v0 = math::gate(x0, u0, kv);
+            v1 = math::gate(x1, u1, kv);
+            L::store(out + base + j, v0, v1);
+          }
+          if constexpr (kMode != Fwd::kGate) {
+            (AVec::loadu(sums + j) + v0).store(sums + j);
+            (AVec::loadu(sums + j + AVec::size()) + v1).store(sums + j + AVec::size());
+          }
+        }
+        for (; j < cb; ++j) {
+          acc_t v = acc_t(x[base + j]);
+          if constexpr (kMode != Fwd::kPool) {
+            v = math::gate(v, acc_t(u[base + j]), kn);
+            out[base + j] = scalar_t(v);
+          }
+          sums[j] += v;
+        }
+      }
+      if constexpr (kMode != Fwd::kGate) {
+        for (int64_t j = 0; j < cb; ++j) pooled[n * C + c0 + j] = sums[j] * inv_hw;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward sweep of the gate: reads grad_out, x, u once, folds grad_pooled / HW in when
+// kFold, writes grad_x and grad_u, and leaves one partial sum of g * (u - x) per work
+// unit in `partial`; the caller reduces those per sample in a fixed order.
+template <typename scalar_t, bool kFold>
+void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x,
+                        const scalar_t* u, const at::opmath_type<scalar_t>* k, scalar_t* gx, scalar_t* gu,
+                        at::opmath_type<scalar_t>* partial, int64_t N, int64_t C, int64_t HW) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t base = p * HW;
+      const acc_t kn = k[p / C];
+      const acc_t gpn = kFold ? gp[p] : acc_t(0);
+      const AVec kv(kn), gpv(gpn), ihv(inv_hw);
+      AVec s0(acc_t(0)), s1(acc_t(0));
+      int64_t i = 0;
+      for (; i + L::kStep <= HW; i += L::kStep) {
+        AVec g0, g1, x0, x1, u0, u1;
+        L::load(g + base + i, g0, g1);
+        L::load(x + base + i, x0, x1);
+        L::load(u + base + i, u0, u1);
+        if constexpr (kFold) {
+          g0 = math::fold_pooled_grad(g0, gpv, ihv);
+          g1 = math::fold_pooled_grad(g1, gpv, ihv);
+        }
+        L::store(gx + base + i, math::gate_grad_x(g0, kv), math::gate_grad_x(g1, kv));
+        L::store(gu + base + i, math::gate_grad_u(g0, kv), math::gate_grad_u(g1, kv));
+        s0 = s0 + math::gate_grad_k_term(g0, x0, u0);
+        s1 = s1 + math::gate_grad_k_term(g1, x1, u1);
+      }
+      acc_t s = L::sum(s0, s1);
+      for (; i < HW; ++i) {
+        acc_t gv = acc_t(g[base + i]);
+        if constexpr (kFold) gv = math::fold_pooled_grad(gv, gpn, inv_hw);
+        gx[base + i] = scalar_t(math::gate_grad_x(gv, kn));
+        gu[base + i] = scalar_t(math::gate_grad_u(gv, kn));
+        s += math::gate_grad_k_term(gv, acc_t(x[base + i]), acc_t(u[base + i]));
+      }
+      partial[p] = s;
+    }
+  });
+}
+
+template <typename scalar_t, bool kFold>
+void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x,
+                        const scalar_t* u, const at::opmath_type<scalar_t>* k, scalar_t* gx, scalar_t* gu,
+                        at::opmath_type<scalar_t>* partial, int64_t N, int64_t C, int64_t HW) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t n = unit / blocks;
+      const int64_t c0 = (unit % blocks) * kChannelBlock;
+      const int64_t cb = std::min(kChannelBlock, C - c0);
+      const acc_t kn = k[n];
+      const AVec kv(kn), ihv(inv_hw);
+      const acc_t* gpn = kFold ? gp + n * C + c0 : nullptr;
+      AVec s0(acc_t(0)), s1(acc_t(0));
+      acc_t s = acc_t(0);
+      for (int64_t hw = 0; hw < HW; ++hw) {
+        const int64_t base = (n * HW + hw) * C + c0;
+        int64_t j = 0;
+        for (; j + L::kStep <= cb; j += L::kStep) {
+          AVec g0, g1, x0, x1, u0, u1;
+          L::load(g + base + j, g0, g1);
+          L::load(x + base + j, x0, x1);
+          L::load(u + base + j, u0, u1);
+          if constexpr (kFold) {
+            g0 = math::fold_pooled_grad(g0, AVec::loadu(gpn + j), ihv);
+            g1 = math::fold_pooled_grad(g1, AVec::loadu(gpn + j + AVec::size()), ihv);
+          }
+          L::store(gx + base + j, math::gate_grad_x(g0, kv), math::gate_grad_x(g1, kv));
+          L::store(gu + base + j, math::gate_grad_u(g0, kv), math::gate_grad_u(g1, kv));
+          s0 = s0 + math::gate_grad_k_term(g0, x0, u0);
+          s1 = s1 + math::gate_grad_k_term(g1, x1, u1);
+        }
+        for (; j < cb; ++j) {
+          acc_t gv = acc_t(g[base + j]);
+          if constexpr (kFold) gv = math::fold_pooled_grad(gv, gpn[j], inv_hw);
+          gx[base + j] = scalar_t(math::gate_grad_x(gv, kn));
+          gu[base + j] = scalar_t(math::gate_grad_u(gv, kn));
+          s += math::gate_grad_k_term(gv, acc_t(x[base + j]), acc_t(u[base + j]));
+        }
+      }
+      partial[unit] = s + L::sum(s0, s1);
+    }
+  });
+}
+
+// grad_x[n, c, h, w] = grad_l[n, c] / HW, in either layout (focus backward).
+template <typename scalar_t>
+void broadcast_pool_grad(const at::opmath_type<scalar_t>* grad_l, scalar_t* gx, int64_t N, int64_t C,
+                         int64_t HW, bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  at::parallel_for(0, N * (channels_last ? HW : C), grain_for(channels_last ? C : HW), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      if (channels_last) {  // row r = (n, hw): C values
+        const acc_t* gl = grad_l + (r / HW) * C;
+        for (int64_t c = 0; c < C; ++c) gx[r * C + c] = scalar_t(gl[c] * inv_hw);
+      } else {  // plane r = (n, c): HW copies of one value
+        std::fill(gx + r * HW, gx + (r + 1) * HW, scalar_t(grad_l[r] * inv_hw));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Host wrappers.
+
+inline int64_t plane(const Tensor& x) { return x.size(2) * x.size(3); }
+
+template <Fwd kMode>
+void run_forward(const Tensor& x, const Tensor& u, const Tensor& k, const Tensor& out, const Tensor& pooled,
+                 at::MemoryFormat fmt) {
+  const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* up = kMode == Fwd::kPool ? nullptr : u.const_data_ptr<scalar_t>();
+    const acc_t* kp = kMode == Fwd::kPool ? nullptr : k.const_data_ptr<acc_t>();
+    scalar_t* op = kMode == Fwd::kPool ? nullptr : out.mutable_data_ptr<scalar_t>();
+    acc_t* pp = kMode == Fwd::kGate ? nullptr : pooled.mutable_data_ptr<acc_t>();
+    if (fmt == at::MemoryFormat::ChannelsLast)
+      forward_nhwc<scalar_t, kMode>(x.const_data_ptr<scalar_t>(), up, kp, op, pp, N, C, HW);
+    else
+      forward_nchw<scalar_t, kMode>(x.const_data_ptr<scalar_t>(), up, kp, op, pp, N, C, HW);
+  });
+}
+
+Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) {
+  const auto in = prepare_gate(x, u, k);
+  Tensor out = at::empty(x.sizes(), x.options().memory_format(in.fmt));
+  if (x.numel() > 0) run_forward<Fwd::kGate>(in.x, in.u, in.k, out, Tensor(), in.fmt);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> gate_pool(const Tensor& x, const Tensor& u, const Tensor& k) {
+  const auto in = prepare_gate(x, u, k);
+  Tensor out = at::empty(x.sizes(), x.options().memory_format(in.fmt));
+  Tensor pooled = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
+  if (x.numel() > 0) run_forward<Fwd::kGatePool>(in.x, in.u, in.k, out, pooled, in.fmt);
+  return {out, pooled.to(x.scalar_type())};
+}
+
+// Channel means of x in the accumulation dtype: one read of x.
+Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) {
+  Tensor pooled = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
+  if (x.numel() > 0) run_forward<Fwd::kPool>(x, Tensor(), Tensor(), Tensor(), pooled, fmt);
+  return pooled;
+}
+
+Tensor focus(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
+  const auto fmt = kernel_memory_format(x);
+  const Tensor l = pool_acc(in_format(x, fmt), fmt);
+  const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0);
+  Tensor k = at::empty({N}, l.options());
+  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "fanet_focus_cpu", [&] {
+    const scalar_t *lp = l.const_data_ptr<scalar_t>(), *w1p = w.w1.const_data_ptr<scalar_t>(),
+                   *b1p = w.b1.const_data_ptr<scalar_t>(), *w2p = w.w2.const_data_ptr<scalar_t>(),
+                   *b2p = w.b2.const_data_ptr<scalar_t>();
+    scalar_t* kp = k.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      std::vector<scalar_t> hidden(H1);
+      for (int64_t n = b; n < e; ++n)
+        kp[n] = math::focus_mlp_forward(lp + n * C, C, w1p, b1p, H1, w2p, b2p, hidden.data());
+    });
+  });
+  return k.to(x.scalar_type());
+}
+
+// Shared by gate_backward and gate_pool_backward: grad_pooled may be undefined.
+std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const Tensor& grad_out, const Tensor& grad_pooled,
+                                                      const Tensor& x, const Tensor& u, const Tensor& k) {
+  const auto in = prepare_gate(x, u, k);
+  check_grad_like(grad_out, x, "grad_out");
+  const bool fold = grad_pooled.defined();
+  const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
+  if (fold) {
+    TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == N && grad_pooled.size(1) == C,
+                "fanet: argument 'grad_pooled' must have shape (", N, ", ", C, "), got ",
+                shape_str(grad_pooled));
+    check_float(grad_pooled, "grad_pooled");
+  }
+  const Tensor g = in_format(grad_out.to(x.scalar_type()), in.fmt);
+  const auto acc = acc_dtype(x.scalar_type());
+  const Tensor gp = fold ? grad_pooled.to(acc).contiguous() : Tensor();
+  Tensor gx = at::empty(x.sizes(), x.options().memory_format(in.fmt));
+  Tensor gu = at::empty(x.sizes(), x.options().memory_format(in.fmt));
+  const bool cl = in.fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t units = cl ? (C + kChannelBlock - 1) / kChannelBlock : C;
+  Tensor partial = at::zeros({N, units}, x.options().dtype(acc));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_gate_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t *gptr = g.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>(),
+                     *up = in.u.const_data_ptr<scalar_t>();
+      const acc_t* kp = in.k.const_data_ptr<acc_t>();
+      const acc_t* gpp = fold ? gp.const_data_ptr<acc_t>() : nullptr;
+      scalar_t *gxp = gx.mutable_data_ptr<scalar_t>(), *gup = gu.mutable_data_ptr<scalar_t>();
+      acc_t* pp = partial.mutable_data_ptr<acc_t>();
+      const auto run = [&](auto fold_tag) {
+        constexpr bool kFold = decltype(fold_tag)::value;
+        if (cl)
+          gate_backward_nhwc<scalar_t, kFold>(gptr, gpp, xp, up, kp, gxp, gup, pp, N, C, HW);
+        else
+          gate_backward_nchw<scalar_t, kFold>(gptr, gpp, xp, up, kp, gxp, gup, pp, N, C, HW);
+      };
+      if (fold) run(std::true_type{}); else run(std::false_type{});
+    });
+  }
+  // Per-sample sum of the per-unit partials, in unit order: deterministic.
+  Tensor gk = partial.sum(1).to(k.scalar_type());
+  return {gx, gu, gk};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gate_backward(const Tensor& grad_out, const Tensor& x, const Tensor& u,
+                                                 const Tensor& k) {
+  return gate_backward_impl(grad_out, Tensor(), x, u, k);
+}
+
+std::tuple<Tensor, Tensor, Tensor> gate_pool_backward(const std::optional<Tensor>& grad_out,
+                                                      const std::optional<Tensor>& grad_pooled,
+                                                      const Tensor& x, const Tensor& u, const Tensor& k) {
+  // Only pooled used: a zero grad_out keeps one kernel for every case (a rare path).
+  const Tensor g = grad_out.has_value() && grad_out->defined() ? *grad_out : at::zeros_like(x);
+  const Tensor gp = grad_pooled.has_value() ? *grad_pooled : Tensor();
+  return gate_backward_impl(g, gp, x, u, k);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& grad_k, const Tensor& x,
+                                                                  const Tensor& w1, const Tensor& b1,
+                                                                  const Tensor& w2, const Tensor& b2) {
+  const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
+  const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0), HW = plane(x);
+  TORCH_CHECK_VALUE(grad_k.dim() == 1 && grad_k.size(0) == N, "fanet: argument 'grad_k' must have shape (", N,
+              ",), got ", shape_str(grad_k));
+  check_float(grad_k, "grad_k");
+  const auto fmt = kernel_memory_format(x);
+  const Tensor xf = in_format(x, fmt);
+  // The pool is recomputed (focus returns only k'), then MLP backward per sample.
+  const Tensor l = pool_acc(xf, fmt);
+  const auto opts = l.options();
+  const Tensor gk = grad_k.to(l.scalar_type()).contiguous();
+  Tensor hidden = at::empty({N, H1}, opts), grad_h = at::empty({N, H1}, opts);
+  Tensor grad_z = at::empty({N}, opts), grad_l = at::empty({N, C}, opts);
+  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "fanet_focus_backward_cpu", [&] {
+    const scalar_t *lp = l.const_data_ptr<scalar_t>(), *w1p = w.w1.const_data_ptr<scalar_t>(),
+                   *b1p = w.b1.const_data_ptr<scalar_t>(), *w2p = w.w2.const_data_ptr<scalar_t>(),
+                   *b2p = w.b2.const_data_ptr<scalar_t>(), *gkp = gk.const_data_ptr<scalar_t>();
+    scalar_t *hp = hidden.mutable_data_ptr<scalar_t>(), *ghp = grad_h.mutable_data_ptr<scalar_t>(),
+             *gzp = grad_z.mutable_data_ptr<scalar_t>(), *glp = grad_l.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        const scalar_t kn = math::focus_mlp_forward(lp + n * C, C, w1p, b1p, H1, w2p, b2p, hp + n * H1);
+        gzp[n] = math::focus_mlp_backward(gkp[n], kn, C, w1p, H1, w2p, hp + n * H1, ghp + n * H1,
+                                          glp + n * C);
+      }
+    });
+  });
+  Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_focus_grad_x_cpu", [&] {
+      broadcast_pool_grad<scalar_t>(grad_l.const_data_ptr<at::opmath_type<scalar_t>>(),
+                                    gx.mutable_data_ptr<scalar_t>(), N, C, HW,
+                                    fmt == at::MemoryFormat::ChannelsLast);
+    });
+  }
+  // Weight gradients: sums over the batch as small matrix products (fixed order).
+  const auto wdt = w1.scalar_type();
+  Tensor gw1 = grad_h.t().mm(l).to(wdt);
+  Tensor gb1 = grad_h.sum(0).to(wdt);
+  Tensor gw2 = grad_z.unsqueeze(0).mm(hidden).to(wdt);
+  Tensor gb2 = grad_z.sum(0, /*keepdim=*/true).to(wdt);
+  return {gx, gw1, gb1, gw2, gb2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fanet, CPU, m) {
+  m.impl("gate", &gate);
+  m.impl("gate_pool", &gate_pool);
+  m.impl("focus", &focus);
+  m.impl("gate_backward", &gate_backward);
+  m.impl("gate_pool_backward", &gate_pool_backward);
+  m.impl("focus_backward", &focus_backward);
+}
+
+}  // namespace cpu
+}  // namespace fanet

@@ -1,0 +1,41 @@
+// The `fanet` operator library: schemas only.  Device kernels are registered from
+// csrc/cpu/ and csrc/cuda/ with TORCH_LIBRARY_IMPL; fake kernels and autograd are
+// registered from Python (fanet_kernels/ops.py), following pytorch/extension-cpp.
+#include <torch/library.h>
+
+#ifdef FANET_PYTHON_MODULE
+#include <Python.h>
+
+// `import fanet_kernels._C` loads this library, which runs the registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fanet_kernels compiled ops (see torch.ops.fanet)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(fanet, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  // out = x + (u - x) * k[n]
+  m.def("gate(Tensor x, Tensor u, Tensor k) -> Tensor", tags);
+  // (out, pooled), pooled[n, c] = mean over H, W of out[n, c]
+  m.def("gate_pool(Tensor x, Tensor u, Tensor k) -> (Tensor, Tensor)", tags);
+  // k'[n] = sigmoid(w2 . relu(w1 . mean_hw(x[n]) + b1) + b2)
+  m.def("focus(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", tags);
+
+  // Backward ops: -> (grad_x, grad_u, grad_k)
+  m.def("gate_backward(Tensor grad_out, Tensor x, Tensor u, Tensor k) -> (Tensor, Tensor, Tensor)",
+        tags);
+  // grad_pooled is folded into grad_out on the fly; either may be None (no gradient).
+  m.def(
+      "gate_pool_backward(Tensor? grad_out, Tensor? grad_pooled, Tensor x, Tensor u, Tensor k) "
+      "-> (Tensor, Tensor, Tensor)",
+      tags);
+  // -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
+  m.def(
+      "focus_backward(Tensor grad_k, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
+}

@@ -1,0 +1,78 @@
+"""Argument checks for the Python-side backends and the fake kernels (SPEC §4).
+
+The C++ backends run the same checks in csrc/common/checks.h, with the same messages, so
+a bad call fails the same way on every backend, under torch.compile included.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError("fanet: " + msg)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fanet: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fanet: argument '{name}' must be a floating tensor (float32, float64, "
+                        f"float16 or bfloat16), got {t.dtype}")
+
+
+def check_gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> None:
+    """x, u: (N, C, H, W), same shape, dtype and device, H*W >= 1; k: (N,) floating."""
+    check_float(x, "x")
+    _need(x.dim() == 4, f"argument 'x' must be 4-D (N, C, H, W), got {x.dim()}-D with shape {_shape(x)}")
+    check_float(u, "u")
+    _need(u.dim() == 4, f"argument 'u' must be 4-D (N, C, H, W) like x, got {u.dim()}-D with shape {_shape(u)}")
+    _need(u.shape == x.shape, f"argument 'u' must have the shape of x {_shape(x)}, got {_shape(u)}")
+    if u.dtype != x.dtype:
+        raise TypeError(f"fanet: argument 'u' must have the dtype of x ({x.dtype}), got {u.dtype}")
+    _need(u.device == x.device, f"argument 'u' must be on the device of x ({x.device}), got {u.device}")
+    _need(x.shape[2] * x.shape[3] >= 1, f"argument 'x' must have H*W >= 1, got shape {_shape(x)}")
+    check_float(k, "k")
+    _need(k.dim() == 1 and k.shape[0] == x.shape[0],
+          f"argument 'k' must have shape (N,) = ({x.shape[0]},), got {_shape(k)}")
+    _need(k.device == x.device, f"argument 'k' must be on the device of x ({x.device}), got {k.device}")
+
+
+def check_focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+    """x: (N, C, H, W); w1: (H1, C), b1: (H1,), w2: (1, H1), b2: (1,), one floating dtype."""
+    check_float(x, "x")
+    _need(x.dim() == 4, f"argument 'x' must be 4-D (N, C, H, W), got {x.dim()}-D with shape {_shape(x)}")
+    _need(x.shape[2] * x.shape[3] >= 1, f"argument 'x' must have H*W >= 1, got shape {_shape(x)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        check_float(t, name)
+    c = x.shape[1]
+    _need(w1.dim() == 2 and w1.shape[1] == c and w1.shape[0] >= 1,
+          f"argument 'w1' must have shape (H1, C) with C = {c}, got {_shape(w1)}")
+    h1 = w1.shape[0]
+    _need(b1.dim() == 1 and b1.shape[0] == h1, f"argument 'b1' must have shape ({h1},), got {_shape(b1)}")
+    _need(w2.dim() == 2 and tuple(w2.shape) == (1, h1), f"argument 'w2' must have shape (1, {h1}), got {_shape(w2)}")
+    _need(b2.dim() == 1 and b2.shape[0] == 1, f"argument 'b2' must have shape (1,), got {_shape(b2)}")
+    for name, t in (("b1", b1), ("w2", w2), ("b2", b2)):
+        if t.dtype != w1.dtype:
+            raise TypeError(f"fanet: argument '{name}' must have the dtype of w1 ({w1.dtype}), got {t.dtype}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        _need(t.device == x.device, f"argument '{name}' must be on the device of x ({x.device}), got {t.device}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums and means accumulate in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def out_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels run in and write: channels_last when x is laid out so (and not
+    also plain-contiguous), else contiguous. Mirrors kernel_memory_format in checks.h."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

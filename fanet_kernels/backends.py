@@ -1,0 +1,162 @@
+"""Which implementation runs the fused ops (SPEC §4).
+
+Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++), ``cuda`` (C++/CUDA),
+``triton``; ``auto`` picks, per call, the fastest one available for the tensors' device.
+Select one globally with :func:`set_backend`, for a block of code with :func:`use_backend`,
+per module with its ``backend=`` argument, or with the environment variable ``FANET_BACKEND``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+
+# Order in which `auto` tries backends for a device type: fastest first.  Triton runs on the
+# CPU only under TRITON_INTERPRET=1 (a slow simulation), so auto never picks it there.
+AUTO_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The three fused ops of one implementation, and the device types it runs on."""
+
+    name: str
+    devices: tuple[str, ...]
+    gate: Callable[..., torch.Tensor]
+    gate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    focus: Callable[..., torch.Tensor]
+
+
+# name -> module that defines BACKEND (imported on first use, so `import fanet_kernels` stays
+# light and a backend whose toolchain is missing only fails when it is asked for).
+_MODULES = {
+    "reference": "fanet_kernels.reference",
+    "cpu": "fanet_kernels.ops",
+    "cuda": "fanet_kernels.ops",
+    "triton": "fanet_kernels.triton",
+}
+_loaded: dict[str, Optional[Backend]] = {}
+_errors: dict[str, str] = {}
+
+
+def _read_env() -> str:
+    name = os.environ.get("FANET_BACKEND", "auto").strip().lower() or "auto"
+    if name not in NAMES:
+        raise ValueError(f"fanet: environment variable FANET_BACKEND must be one of {', '.join(NAMES)}, "
+                         f"got {name!r}")
+    return name
+
+
+_active: str = _read_env()
+
+
+def _check_name(name: str, what: str = "backend") -> str:
+    if not isinstance(name, str) or name.strip().lower() not in NAMES:
+        raise ValueError(f"fanet: argument '{what}' must be one of {', '.join(NAMES)}, got {name!r}")
+    return name.strip().lower()
+
+
+def load(name: str) -> Optional[Backend]:
+    """The Backend called ``name``, or None if it cannot run here (the reason is in
+    :func:`unavailable_reason`)."""
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            backend = getattr(module, "BACKENDS", {}).get(name) or getattr(module, "BACKEND", None)
+            if backend is None:
+                raise ImportError(_errors.get(name) or f"{_MODULES[name]} defines no backend {name!r}")
+            _loaded[name] = backend
+        except Exception as exc:  # a missing toolchain must not break the other backends
+            _errors.setdefault(name, f"{type(exc).__name__}: {exc}")
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    """Called by a backend module that imported but cannot run (e.g. extension not built)."""
+    _errors[name] = reason
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    return None if load(name) is not None else _errors.get(name, "unknown")
+
+
+def set_backend(name: str) -> None:
+    """Use backend ``name`` for every op call that does not name its own."""
+    global _active
+    name = _check_name(name)
+    if name != "auto" and load(name) is None:
+        raise RuntimeError(f"fanet: backend {name!r} is not available: {unavailable_reason(name)}")
+    _active = name
+
+
+def get_backend(device: torch.device | str = "cpu") -> str:
+    """The backend that op calls on tensors of ``device`` resolve to now (``auto`` resolved)."""
+    return resolve(None, torch.device(device)).name
+
+
+def active_setting() -> str:
+    """The global setting, possibly ``auto``."""
+    return _active
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"): ...`` runs the block with that backend."""
+    global _active
+    previous = _active
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _active = previous
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on tensors of ``device`` here."""
+    dev = torch.device(device).type
+    return [n for n in NAMES[1:] if (b := load(n)) is not None and dev in b.devices]
+
+
+def resolve(name: Optional[str], device: torch.device) -> Backend:
+    """The Backend for a call: ``name`` (or the global setting) for tensors on ``device``."""
+    name = _active if name is None else _check_name(name)
+    dev = device.type
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(dev, ("reference",)):
+            backend = load(candidate)
+            if backend is not None and dev in backend.devices:
+                return backend
+        raise RuntimeError(f"fanet: no backend can run on device {device}")  # reference always can
+    backend = load(name)
+    if backend is None:
+        raise RuntimeError(f"fanet: backend {name!r} is not available: {unavailable_reason(name)}")
+    if dev not in backend.devices:
+        raise ValueError(f"fanet: backend {name!r} does not run on {dev} tensors "
+                         f"(it runs on: {', '.join(backend.devices)})")
+    return backend
+
+
+_warned_missing = False
+
+
+def warn_extension_missing(reason: str) -> None:
+    """One warning per process that the compiled kernels are missing, and how to build them."""
+    global _warned_missing
+    if not _warned_missing:
+        _warned_missing = True
+        warnings.warn(
+            "fanet_kernels: the compiled extension fanet_kernels._C is not available "
+            f"({reason}); falling back to the slow 'reference' backend. Build it with "
+            "`pip install -e . --no-build-isolation` in the repository (see README).",
+            RuntimeWarning, stacklevel=3)

@@ -1,0 +1,126 @@
+"""The fused ops ``fanet::gate``, ``fanet::gate_pool``, ``fanet::focus`` (SPEC §4).
+
+Their schemas are defined in C++ (csrc/fanet.cpp) and their kernels in csrc/cpu and
+csrc/cuda; this file registers the fake (meta) kernels and the autograd formulas, in the
+style of pytorch/extension-cpp, and exposes backend-dispatching Python functions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _validate, backends
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.fanet.*)
+
+    HAS_EXTENSION = True
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # not built: the reference backend still works
+    HAS_EXTENSION = False
+    _IMPORT_ERROR = str(exc)
+
+
+def _cuda_kernels_built() -> bool:
+    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("fanet::gate", "CUDA")
+
+
+if HAS_EXTENSION:
+
+    def _empty_like_kernel_out(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                           memory_format=_validate.out_memory_format(x))
+
+    # ---- fake kernels: shapes, dtypes and strides exactly as the real kernels make them --
+    @torch.library.register_fake("fanet::gate")
+    def _gate_fake(x, u, k):
+        _validate.check_gate(x, u, k)
+        return _empty_like_kernel_out(x)
+
+    @torch.library.register_fake("fanet::gate_pool")
+    def _gate_pool_fake(x, u, k):
+        _validate.check_gate(x, u, k)
+        return _empty_like_kernel_out(x), x.new_empty((x.shape[0], x.shape[1]))
+
+    @torch.library.register_fake("fanet::focus")
+    def _focus_fake(x, w1, b1, w2, b2):
+        _validate.check_focus(x, w1, b1, w2, b2)
+        return x.new_empty((x.shape[0],))
+
+    @torch.library.register_fake("fanet::gate_backward")
+    def _gate_backward_fake(grad_out, x, u, k):
+        _validate.check_gate(x, u, k)
+        return _empty_like_kernel_out(x), _empty_like_kernel_out(x), k.new_empty(k.shape)
+
+    @torch.library.register_fake("fanet::gate_pool_backward")
+    def _gate_pool_backward_fake(grad_out, grad_pooled, x, u, k):
+        _validate.check_gate(x, u, k)
+        return _empty_like_kernel_out(x), _empty_like_kernel_out(x), k.new_empty(k.shape)
+
+    @torch.library.register_fake("fanet::focus_backward")
+    def _focus_backward_fake(grad_k, x, w1, b1, w2, b2):
+        _validate.check_focus(x, w1, b1, w2, b2)
+        return (_empty_like_kernel_out(x), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
+                w2.new_empty(w2.shape), b2.new_empty(b2.shape))
+
+    # ---- autograd: each backward is one fused op ----------------------------------------
+    def _save_inputs(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _gate_bwd(ctx, grad_out):
+        x, u, k = ctx.saved_tensors
+        return torch.ops.fanet.gate_backward(grad_out, x, u, k)
+
+    def _gate_pool_bwd(ctx, grad_out, grad_pooled):
+        x, u, k = ctx.saved_tensors
+        return torch.ops.fanet.gate_pool_backward(grad_out, grad_pooled, x, u, k)
+
+    def _focus_bwd(ctx, grad_k):
+        return torch.ops.fanet.focus_backward(grad_k, *ctx.saved_tensors)
+
+    torch.library.register_autograd("fanet::gate", _gate_bwd, setup_context=_save_inputs)
+    torch.library.register_autograd("fanet::gate_pool", _gate_pool_bwd, setup_context=_save_inputs)
+    torch.library.register_autograd("fanet::focus", _focus_bwd, setup_context=_save_inputs)
+
+    def _compiled_backend(name: str, devices: tuple[str, ...]) -> backends.Backend:
+        return backends.Backend(
+            name=name, devices=devices,
+            gate=torch.ops.fanet.gate.default,
+            gate_pool=lambda x, u, k: tuple(torch.ops.fanet.gate_pool.default(x, u, k)),
+            focus=torch.ops.fanet.focus.default,
+        )
+
+    BACKENDS = {"cpu": _compiled_backend("cpu", ("cpu",))}
+    if _cuda_kernels_built():
+        BACKENDS["cuda"] = _compiled_backend("cuda", ("cuda",))
+    else:
+        backends.mark_unavailable("cuda", "fanet_kernels._C was built without CUDA kernels "
+                                  "(no nvcc, or torch without CUDA, or FANET_CUDA=0)")
+else:
+    BACKENDS = {}
+    for _name in ("cpu", "cuda"):
+        backends.mark_unavailable(_name, f"fanet_kernels._C is not built ({_IMPORT_ERROR})")
+    backends.warn_extension_missing(_IMPORT_ERROR)
+
+
+# ---- public, backend-dispatching functions ----------------------------------------------
+def gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``x + (u - x) * k[n]``: the FA weighting of one block (paper eq. 9)."""
+    _validate.check_gate(x, u, k)
+    return backends.resolve(backend, x.device).gate(x, u, k)
+
+
+def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, *,
+              backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighting and, in the same pass, the channel means of its result: ``(out, pooled)``
+    with ``pooled`` of shape (N, C), the focus input of the next block."""
+    _validate.check_gate(x, u, k)
+    return backends.resolve(backend, x.device).gate_pool(x, u, k)
+
+
+def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,
+          backend: Optional[str] = None) -> torch.Tensor:
+    """The focused attention ``k'[n] = sigmoid(w2 . relu(w1 . mean_hw(x[n]) + b1) + b2)``, shape (N,)."""
+    _validate.check_focus(x, w1, b1, w2, b2)
+    return backends.resolve(backend, x.device).focus(x, w1, b1, w2, b2)

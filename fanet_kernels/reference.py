@@ -1,0 +1,117 @@
+"""The FA math in plain PyTorch: the specification every backend is tested against.
+
+SPEC.md §1 (one chain) and §2 (stages).  Everything is computed in the accumulation dtype
+(float32, or float64 for float64 inputs) and cast back to the input dtype once, which is
+what the fused kernels do.  Autograd of these functions is the reference gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _validate
+from .backends import Backend
+
+_acc = _validate.acc_dtype
+
+
+# ---- the three fused ops -----------------------------------------------------------------
+def gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Weighting (paper eq. 9): ``x + (u - x) * k[n]``."""
+    return _gate_acc(x, u, k).to(x.dtype)
+
+
+def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate(x, u, k), mean over H, W of it)``; the mean is taken before rounding to x's dtype."""
+    out = _gate_acc(x, u, k)
+    return out.to(x.dtype), out.mean(dim=(2, 3)).to(x.dtype)
+
+
+def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Focus (paper eqs. 5-7): the focused attention k' of shape (N,), from x's channel means."""
+    pooled = x.to(_acc(x.dtype)).mean(dim=(2, 3))
+    return focus_mlp(pooled, w1, b1, w2, b2).to(x.dtype)
+
+
+def _gate_acc(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    acc = _acc(x.dtype)
+    xa = x.to(acc)
+    return xa + (u.to(acc) - xa) * k.to(acc).view(-1, 1, 1, 1)
+
+
+# ---- the small networks of one FA module ------------------------------------------------
+def focus_mlp(pooled: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+              b2: torch.Tensor) -> torch.Tensor:
+    """F_in of the focus step on channel means ``pooled`` (N, C): sigmoid(W2 relu(W1 l + b1) + b2),
+    shape (N,), in pooled's dtype (weights are cast to it)."""
+    dt = pooled.dtype
+    hidden = F.relu(F.linear(pooled, w1.to(dt), b1.to(dt)))
+    return torch.sigmoid(F.linear(hidden, w2.to(dt), b2.to(dt))).squeeze(1)
+
+
+def associate(history: list[torch.Tensor], k_focus: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
+              w4: torch.Tensor, b4: torch.Tensor) -> torch.Tensor:
+    """Association (paper eq. 8) for block i = len(history) + 1 >= 2: s' = [k_1 .. k_{i-1}, k'_i]
+    (N, i) -> sigmoid(W4 relu(W3 s' + b3) + b4), shape (N,).  W3 is (r2*i, i) (SPEC §1)."""
+    s = torch.stack([*history, k_focus], dim=1)
+    dt = s.dtype
+    hidden = F.relu(F.linear(s, w3.to(dt), b3.to(dt)))
+    return torch.sigmoid(F.linear(hidden, w4.to(dt), b4.to(dt))).squeeze(1)
+
+
+BACKEND = Backend(name="reference", devices=("cpu", "cuda", "meta", "mps", "xpu"),
+                  gate=gate, gate_pool=gate_pool, focus=focus)
+
+
+# ---- SPEC §1 / §2: one FA block, a chain, the stage level, with explicit weights --------
+# ``params`` of a gated block i is a mapping with w1, b1, w2, b2 (focus) and, for i >= 2,
+# w3, b3, w4, b4 (association); the modules of fanet_kernels.modules hold the same tensors
+# (FAGate.params()) and are tested against these functions.
+def fa_weight(i: int, x: torch.Tensor, u: torch.Tensor, history: list[torch.Tensor], params,
+              pooled_x: torch.Tensor | None = None, x_proj: torch.Tensor | None = None):
+    """FA of gated block ``i`` >= 1 (SPEC §1): focus on x (or on its channel means ``pooled_x``),
+    association over ``history`` = [k_1 .. k_{i-1}] (i >= 2), weighting of ``x_proj`` (P(x), when
+    x and u differ in shape) or x towards u.  Returns (out, k, history + [k], pooled out)."""
+    if pooled_x is None:
+        k = focus(x, params["w1"], params["b1"], params["w2"], params["b2"])
+    else:
+        k = focus_mlp(pooled_x, params["w1"], params["b1"], params["w2"], params["b2"])
+    if i >= 2:
+        k = associate(list(history), k, params["w3"], params["b3"], params["w4"], params["b4"])
+    start = x if x_proj is None else x_proj
+    out, pooled = gate_pool(start, u, k)
+    return out, k, [*history, k], pooled
+
+
+def fa_chain(x: torch.Tensor, blocks, params, projections=None, history=None):
+    """An FA chain (SPEC §1): ``blocks[0]`` ungated, block i >= 1 weighted with ``params[i-1]``;
+    ``projections[i]`` (optional callables) project X_i where its shape differs from U_i.  The pool of
+    X_i for i >= 2 is the pooled output of gate i-1 (no second pass).  Returns (out, [k_1 ..])."""
+    x = blocks[0](x)
+    hist = [] if history is None else list(history)
+    pooled = None
+    for i in range(1, len(blocks)):
+        u = blocks[i](x)
+        proj = projections[i] if projections is not None else None
+        x, _, hist, pooled = fa_weight(i, x, u, hist, params[i - 1], pooled_x=pooled,
+                                       x_proj=None if proj is None else proj(x))
+    return x, hist
+
+
+def fa_stages(x: torch.Tensor, stages, params, projections, pre=None):
+    """The stage level (SPEC §2): ``stages[s]`` maps a stage input to its output (e.g. an fa_chain);
+    stage 0 ungated; for s >= 1 X_{s+1} = P(X_s) + (U_s - P(X_s)) k_s with P = ``projections[s]``
+    (the first block's shortcut) and focus on P(X_s).  With ``pre[s]`` given instead (Inception's
+    reduction block) the stage runs on P(X_s) = pre[s](X_s).  Returns (out, [k_1 .. k_{S-1}])."""
+    hist: list[torch.Tensor] = []
+    for s, stage in enumerate(stages):
+        p = pre[s] if pre is not None else None
+        if p is not None:
+            x = p(x)
+        if s == 0:
+            x = stage(x)
+            continue
+        xp = x if p is not None else projections[s](x)
+        u = stage(x)
+        x, _, hist, _ = fa_weight(s, xp, u, hist, params[s - 1])
+    return x, hist

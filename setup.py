@@ -1,0 +1,118 @@
+"""Builds fanet_kernels._C (C++ CPU kernels, and CUDA kernels when they can be built).
+
+Environment flags (in the style of flash-attention's setup.py):
+  FANET_CUDA=auto|0|1     auto (default): build the CUDA sources when nvcc is found and the
+                          installed torch was built with CUDA; 1: require it; 0: skip it.
+                          Decided without torch.cuda.is_available(): a GPU is not needed to build.
+  TORCH_CUDA_ARCH_LIST    CUDA architectures; default "8.0;9.0+PTX" (sm_80, sm_90 and PTX).
+  FANET_CPU_ISA=auto|avx512|avx2|generic
+                          SIMD width of the CPU kernels; auto picks what this machine's CPU has.
+  FANET_PTXAS_VERBOSE=1   print ptxas register/spill reports for every CUDA kernel.
+  MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def _cpu_isa() -> str:
+    isa = _env("FANET_CPU_ISA", "auto")
+    if isa not in ("auto", "avx512", "avx2", "generic"):
+        sys.exit(f"setup.py: FANET_CPU_ISA must be auto, avx512, avx2 or generic, got {isa!r}")
+    if isa != "auto":
+        return isa
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "generic"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return "generic"
+
+
+# ATen's Vectorized<T> picks its SIMD implementation from CPU_CAPABILITY_* macros (it is
+# header-only), so defining them with the matching -m flags gives real AVX2/AVX-512 lanes.
+CPU_ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "generic": [],
+}
+
+
+def _want_cuda(torch_mod) -> bool:
+    from torch.utils import cpp_extension
+
+    flag = _env("FANET_CUDA", "auto")
+    if flag not in ("auto", "0", "1"):
+        sys.exit(f"setup.py: FANET_CUDA must be auto, 0 or 1, got {flag!r}")
+    if flag == "0":
+        return False
+    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    has = bool(nvcc) and torch_mod.version.cuda is not None
+    if flag == "1" and not has:
+        sys.exit("setup.py: FANET_CUDA=1 but nvcc was not found (set CUDA_HOME) "
+                 "or the installed torch has no CUDA (torch.version.cuda is None)")
+    return has
+
+
+def _extensions():
+    if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit("setup.py: torch is not importable in this build environment. Install torch first, "
+                 "then build against it with `pip install -e . --no-build-isolation` (see README).")
+
+    with_cuda = _want_cuda(torch)
+    isa = _cpu_isa()
+    sources = ["csrc/fanet.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-DFANET_PYTHON_MODULE", "-Wall", "-Wno-unused-function"] + CPU_ISA_FLAGS[isa]
+    extra = {"cxx": cxx}
+    ext_cls = cpp_extension.CppExtension
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        nvcc = ["-O3", "-std=c++20", "-DFANET_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
+        if _env("FANET_PTXAS_VERBOSE", "0") == "1":
+            nvcc.append("-Xptxas=-v")
+        extra["nvcc"] = nvcc
+        cxx.append("-DFANET_WITH_CUDA")
+        ext_cls = cpp_extension.CUDAExtension
+    print(f"fanet_kernels: building _C for CPU ({isa})"
+          + (f" and CUDA (arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else " only"),
+          file=sys.stderr)
+    return [ext_cls("fanet_kernels._C", sources, extra_compile_args=extra,
+                    include_dirs=[os.path.join(ROOT, "csrc")])], cpp_extension.BuildExtension
+
+
+def main() -> None:
+    ext_modules, build_ext = _extensions()
+    setup(
+        packages=find_packages(include=["fanet_kernels", "fanet_kernels.*"]),
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": build_ext.with_options(use_ninja=shutil.which("ninja") is not None)},
+    )
+
+
+if __name__ == "__main__":
+    main()
