@@ -92,7 +92,9 @@ def _extensions():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        nvcc = ["-O3", "-std=c++20", "-DFANET_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "-DFANET_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
+                # host-side warnings of the .cu files too (.ci/cuda_check.sh fails on ours)
+                "-Xcompiler=-Wall"]
         if _env("FANET_PTXAS_VERBOSE", "0") == "1":
             nvcc.append("-Xptxas=-v")
         extra["nvcc"] = nvcc

@@ -1,13 +1,16 @@
 """fanet_kernels: fused kernels and modules for Focus-and-Association networks (FANet)."""
 from __future__ import annotations
 
-from . import backends, ops, reference
+from . import backends, complexity, ops, reference, zoo
+from .apply import apply_fa
 from .backends import available_backends, get_backend, set_backend, use_backend
+from .modules import FAGate, FASequential, FAStage, FAStages, SEBlock, collect_k
 from .ops import HAS_EXTENSION, focus, gate, gate_pool
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "available_backends", "backends", "focus", "gate", "gate_pool", "get_backend", "HAS_EXTENSION",
-    "ops", "reference", "set_backend", "use_backend",
+    "apply_fa", "available_backends", "backends", "collect_k", "complexity", "FAGate", "FASequential",
+    "FAStage", "FAStages", "focus", "gate", "gate_pool", "get_backend", "HAS_EXTENSION", "ops",
+    "reference", "SEBlock", "set_backend", "use_backend", "zoo",
 ]

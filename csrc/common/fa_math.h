@@ -84,8 +84,9 @@ FANET_HD T focus_hidden_grad(T grad_z, T w2, T h) {
   return h > T(0) ? grad_z * w2 : T(0);
 }
 
-// The whole focus MLP for one sample, serial over the hidden units: used by the CPU
-// kernels and by the CUDA kernels where one thread owns one sample.  l has C entries,
+// The whole focus MLP for one sample, serial over the hidden units, built from the
+// pieces above: the CPU kernels use it; the CUDA kernels spread the same pieces over a
+// thread block per sample.  l has C entries,
 // w1 is (H1, C) row-major, w2 has H1 entries; hidden (H1 entries) receives relu(.).
 // Returns k'.
 template <typename T, typename W>

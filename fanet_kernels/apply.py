@@ -1,0 +1,82 @@
+"""``apply_fa``: turn a torchvision ResNet / ResNeXt / Wide-ResNet (or a timm ResNet-family
+model) into its FA version in place (SPEC §2).
+
+Each ``layerN`` becomes an :class:`~fanet_kernels.modules.FAStage`: its blocks stay children
+"0", "1", ... (an FA chain, block 0 ungated), stage 1 is not gated, and stages N >= 2 are gated
+with P = the ``downsample`` shortcut of their first block (reused, no new weights).  The
+stages hand ``(x, history)`` to each other, so the model's own forward (which calls layer1 ..
+layerN in a row) is unchanged and stays ``torch.compile(fullgraph=True)``-able.
+
+Weights: every original state_dict key keeps its name, so ``model.load_state_dict(original,
+strict=False)`` loads all pretrained weights and reports as ``missing_keys`` exactly the new
+keys (``layerN.fa.*``, ``layerN.stage_fa.*`` and, with ``se=True``, ``...bnK.se.*``), with no
+``unexpected_keys``.  Call apply_fa before loading, or load first: either way works.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .modules import FAStage, SEBlock, out_channels
+
+
+class BatchNorm2dSE(nn.BatchNorm2d):
+    """A BatchNorm2d followed by an SE block (``.se``): how SE enters a residual branch (after its
+    last BN, before the add) without renaming the BN's state_dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(super().forward(x))
+
+
+def _add_se(block: nn.Module, r: int) -> None:
+    name = "bn3" if isinstance(getattr(block, "bn3", None), nn.BatchNorm2d) else "bn2"
+    bn = getattr(block, name, None)
+    if type(bn) is not nn.BatchNorm2d:
+        raise TypeError(f"apply_fa(se=True): {type(block).__name__}.{name} must be an nn.BatchNorm2d, "
+                        f"got {type(bn).__name__}")
+    bn.__class__ = BatchNorm2dSE  # same parameters and buffers, same keys
+    bn.se = SEBlock(bn.num_features, r).to(device=bn.weight.device, dtype=bn.weight.dtype)
+
+
+def _stage_names(model: nn.Module) -> list[str]:
+    names = []
+    while hasattr(model, f"layer{len(names) + 1}"):
+        names.append(f"layer{len(names) + 1}")
+    if any(isinstance(getattr(model, n), FAStage) for n in names):
+        raise TypeError(f"apply_fa: {type(model).__name__} already has FA stages")
+    if len(names) < 2 or not all(isinstance(getattr(model, n), nn.Sequential) for n in names):
+        raise TypeError(f"apply_fa: {type(model).__name__} is not a torchvision/timm ResNet-family model "
+                        "(expected nn.Sequential attributes layer1, layer2, ...)")
+    return names
+
+
+def apply_fa(model: nn.Module, se: bool = False, r1: int = 4, r2: int = 4, se_reduction: int = 16,
+             backend: Optional[str] = None) -> nn.Module:
+    """Make ``model`` (torchvision ``resnet*``, ``resnext*``, ``wide_resnet*``, or timm ``resnet*``
+    family) an FA network in place and return it.  ``se=True`` also adds an SE block (reduction
+    ``se_reduction``) to every residual block (FA-SE).  New modules get the model's device and dtype."""
+    names = _stage_names(model)
+    ref = next(model.parameters())
+    for s, name in enumerate(names):
+        layer = getattr(model, name)
+        if se:
+            for block in layer:
+                _add_se(block, se_reduction)
+        stage = FAStage(layer, index=s, channels=[out_channels(b) for b in list(layer)[:-1]],
+                        stage_channels=out_channels(layer[-1]), proj="auto" if s else None,
+                        last=s == len(names) - 1, r1=r1, r2=r2, backend=backend)
+        for m in (stage.fa, getattr(stage, "stage_fa", None)):
+            if m is not None:
+                m.to(device=ref.device, dtype=ref.dtype)
+        setattr(model, name, stage)
+    return model
+
+
+def added_parameters(model: nn.Module) -> int:
+    """Parameters of the FA gates and of the SE blocks apply_fa added."""
+    from .modules import FAGate
+    mods = [m for m in model.modules() if isinstance(m, FAGate)]
+    mods += [m.se for m in model.modules() if isinstance(m, BatchNorm2dSE)]
+    return sum(p.numel() for m in mods for p in m.parameters())

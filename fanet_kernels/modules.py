@@ -1,0 +1,300 @@
+"""Drop-in FA modules (SPEC §1, §2): FAGate, FASequential (a chain), FAStage/FAStages (the stage
+level) and SEBlock.  The math is reference.fa_weight / fa_chain / fa_stages; here the pooling
+and the weighting run through the fused ops of the active backend (fanet_kernels.ops).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from . import ops, reference
+
+__all__ = ["FAOutput", "FAGate", "FASequential", "FAStage", "FAStages", "SEBlock", "collect_k",
+           "out_channels"]
+
+
+class FAOutput(NamedTuple):
+    out: torch.Tensor            # X_{i+1}
+    k: torch.Tensor              # (N,) attention of this block
+    history: list[torch.Tensor]  # [k_1 .. k_i], with gradients
+    pooled: torch.Tensor         # (N, C) channel means of out: the focus input of the next gate
+
+
+class FAGate(nn.Module):
+    """Focus + association + weighting of the block at position ``index`` >= 1 of a chain.
+
+    ``forward(x, u, history=None, pooled_x=None, x_proj=None)``: x = X_i (block input), u = U_i
+    (block output), history = [k_1 .. k_{i-1}].  If ``pooled_x`` (the ``pooled`` of the previous
+    gate, i.e. the channel means of x) is given, x is not read again; else the fused focus op
+    pools it.  ``x_proj`` = P(x) is the start of the weighting when x and u differ in shape (focus
+    stays on x).  Parameters: focus1 Linear(C, max(1, C // r1)), focus2 Linear(h1, 1) and, for
+    index >= 2, assoc1 Linear(index, r2 * index), assoc2 Linear(r2 * index, 1).
+    """
+
+    def __init__(self, channels: int, index: int, r1: int = 4, r2: int = 4, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(index, int) or index < 1:
+            raise ValueError(f"FAGate: argument 'index' must be an int >= 1 (block 0 is not gated), got {index!r}")
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"FAGate: argument 'channels' must be an int >= 1, got {channels!r}")
+        for name, r in (("r1", r1), ("r2", r2)):
+            if not isinstance(r, int) or r < 1:
+                raise ValueError(f"FAGate: argument '{name}' must be an int >= 1, got {r!r}")
+        self.channels, self.index, self.backend = channels, index, backend
+        h1 = max(1, channels // r1)
+        self.focus1 = nn.Linear(channels, h1)
+        self.focus2 = nn.Linear(h1, 1)
+        if index >= 2:
+            self.assoc1 = nn.Linear(index, r2 * index)
+            self.assoc2 = nn.Linear(r2 * index, 1)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The weights under the names reference.fa_weight expects."""
+        p = {"w1": self.focus1.weight, "b1": self.focus1.bias, "w2": self.focus2.weight, "b2": self.focus2.bias}
+        if self.index >= 2:
+            p.update(w3=self.assoc1.weight, b3=self.assoc1.bias, w4=self.assoc2.weight, b4=self.assoc2.bias)
+        return p
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor, history: Optional[Sequence[torch.Tensor]] = None,
+                pooled_x: Optional[torch.Tensor] = None, x_proj: Optional[torch.Tensor] = None) -> FAOutput:
+        hist = list(history) if history is not None else []
+        if len(hist) != self.index - 1:
+            raise ValueError(f"FAGate(index={self.index}): argument 'history' must hold k_1 .. k_{self.index - 1} "
+                             f"({self.index - 1} tensors), got {len(hist)}")
+        w = self.params()
+        if pooled_x is None:
+            k = ops.focus(x, w["w1"], w["b1"], w["w2"], w["b2"], backend=self.backend)
+        else:
+            k = reference.focus_mlp(pooled_x, w["w1"], w["b1"], w["w2"], w["b2"])
+        if self.index >= 2:
+            k = reference.associate(hist, k, w["w3"], w["b3"], w["w4"], w["b4"])
+        start = x if x_proj is None else x_proj
+        out, pooled = ops.gate_pool(start, u, k, backend=self.backend)
+        return FAOutput(out, k, [*hist, k], pooled)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, index={self.index}, backend={self.backend}"
+
+
+def out_channels(module: nn.Module) -> int:
+    """Output channels of a block, read off its last BatchNorm2d / Conv2d (pass ``channels``
+    explicitly where that guess is wrong)."""
+    found = None
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            found = m.num_features
+        elif isinstance(m, nn.Conv2d):
+            found = m.out_channels
+    if found is None:
+        raise ValueError(f"cannot infer the output channels of {type(module).__name__}: pass 'channels'")
+    return found
+
+
+def _seq(blocks) -> list[nn.Module]:
+    blocks = list(blocks.children()) if isinstance(blocks, nn.Sequential) else list(blocks)
+    if not blocks:
+        raise ValueError("argument 'blocks' must hold at least one block")
+    return blocks
+
+
+class FASequential(nn.Module):
+    """An FA chain over ``blocks`` (an nn.Sequential or a list): block 0 ungated, block i >= 1
+    weighted by gate ``fa[i-1]``.  Blocks keep their names "0", "1", ... so a state_dict of the
+    plain nn.Sequential loads (the new ``fa.*`` keys are then missing).  ``channels``: int, one
+    int per gated block, or None (read off block i-1).  ``projections``: optional list (one per
+    block, None where shapes match) of modules P used as ``x_proj`` (VGG).  After a forward,
+    ``last_k`` holds the detached (N,) k of blocks 1 .. n-1 (not updated under torch.compile).
+    """
+
+    def __init__(self, blocks, channels: Union[int, Sequence[int], None] = None, r1: int = 4, r2: int = 4,
+                 backend: Optional[str] = None, projections: Optional[Sequence[Optional[nn.Module]]] = None,
+                 gated: bool = True):
+        super().__init__()
+        blocks = _seq(blocks)
+        for i, b in enumerate(blocks):
+            self.add_module(str(i), b)
+        self._n = n = len(blocks)
+        if isinstance(channels, int) or channels is None:
+            chans = [channels if channels is not None else out_channels(blocks[i - 1]) for i in range(1, n)] \
+                if gated else []
+        else:
+            chans = list(channels)
+            if len(chans) != n - 1:
+                raise ValueError(f"argument 'channels' must hold one int per gated block ({n - 1}), got {len(chans)}")
+        self.fa = nn.ModuleList([FAGate(c, i, r1, r2, backend) for i, c in enumerate(chans, 1)] if gated else [])
+        if projections is not None:
+            if len(projections) != n:
+                raise ValueError(f"argument 'projections' must hold one entry per block ({n}), got {len(projections)}")
+            self.proj = nn.ModuleDict({str(i): p for i, p in enumerate(projections) if p is not None})
+        self.last_k: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, idx):
+        blocks = [self._modules[str(i)] for i in range(self._n)]
+        return blocks[idx]
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def run_chain(self, x: torch.Tensor) -> torch.Tensor:
+        x = self[0](x)
+        hist: list[torch.Tensor] = []
+        pooled = None
+        proj = self._modules.get("proj")
+        for i in range(1, self._n):
+            u = self[i](x)
+            if not len(self.fa):
+                x = u
+                continue
+            xp = proj[str(i)](x) if proj is not None and str(i) in proj else None
+            x, _, hist, pooled = self.fa[i - 1](x, u, hist, pooled_x=pooled, x_proj=xp)
+        if not torch.compiler.is_compiling():
+            self.last_k = [k.detach() for k in hist]
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_chain(x)
+
+
+_SHORTCUT_NAMES = ("downsample", "shortcut", "projection", "proj")
+
+
+def _find_shortcut(block: nn.Module) -> str:
+    for name in _SHORTCUT_NAMES:
+        m = getattr(block, name, None)
+        if isinstance(m, nn.Module) and any(True for _ in m.parameters()):
+            return name
+    raise ValueError(f"{type(block).__name__} has no projection shortcut (looked for {', '.join(_SHORTCUT_NAMES)}); "
+                     "pass 'proj' explicitly")
+
+
+class FAStage(FASequential):
+    """One stage of a multi-stage FA network (SPEC §2): an FA chain (``chain=False``: plain blocks)
+    plus, for ``index`` >= 1, the stage-level gate.  Stages pass ``(x, history)`` to each other,
+    so they can replace ``layer1 .. layerN`` of a model whose forward calls them in a row; the stage
+    with ``last=True`` returns a plain tensor.  P: ``pre`` (a module run on the stage input, whose
+    output feeds the chain, e.g. Inception's reduction block) or ``proj`` (default: the shortcut of
+    block 0, found by attribute name; a string is a submodule path) applied to the stage input.
+    """
+
+    def __init__(self, blocks, index: int, channels=None, stage_channels: Optional[int] = None,
+                 proj: Union[str, nn.Module, None] = "auto", pre: Optional[nn.Module] = None, last: bool = False,
+                 chain: bool = True, r1: int = 4, r2: int = 4, backend: Optional[str] = None, projections=None):
+        super().__init__(blocks, channels, r1, r2, backend, projections, gated=chain)
+        self.index, self.last = index, last
+        self._proj_path: Optional[str] = None
+        if pre is not None:
+            self.pre = pre
+        if index >= 1:
+            if pre is None:
+                if proj == "auto":
+                    self._proj_path = "0." + _find_shortcut(self[0])
+                elif isinstance(proj, str):
+                    self._proj_path = proj
+                elif isinstance(proj, nn.Module):
+                    self.stage_proj = proj
+                else:
+                    raise ValueError("FAStage: stage index >= 1 needs 'proj' or 'pre'")
+            c = stage_channels if stage_channels is not None else out_channels(self[self._n - 1])
+            self.stage_fa = FAGate(c, index, r1, r2, backend)
+            if self._proj_path is not None:
+                # Block 0 computes P(X_s) as its shortcut anyway: keep that output instead of
+                # running P twice (twice would also update its BN statistics twice).
+                self.get_submodule(self._proj_path).register_forward_hook(self._keep_projection)
+        self.last_stage_k: Optional[torch.Tensor] = None
+        self._kept: Optional[torch.Tensor] = None
+
+    def _keep_projection(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self._kept = output
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        if self._proj_path is None:
+            return self.stage_proj(x)
+        kept, self._kept = self._kept, None
+        return kept if kept is not None else self.get_submodule(self._proj_path)(x)
+
+    def forward(self, inp):
+        x, hist = inp if isinstance(inp, tuple) else (inp, [])
+        if "pre" in self._modules:
+            x = self.pre(x)
+        if self.index == 0:
+            out = self.run_chain(x)
+        else:
+            self._kept = None
+            u = self.run_chain(x)  # block 0 runs the shortcut P on x: _keep_projection keeps it
+            xp = x if "pre" in self._modules else self._project(x)
+            r = self.stage_fa(xp, u, hist)
+            out, hist = r.out, r.history
+            if not torch.compiler.is_compiling():
+                self.last_stage_k = r.k.detach()
+        return out if self.last else (out, hist)
+
+
+class FAStages(nn.Module):
+    """The stage level over ``stages`` (each an nn.Sequential of blocks): every stage an FA chain
+    (``chain=True``), stage 0 ungated, stage s >= 1 gated with P = ``projections[s]`` (default
+    "auto": the shortcut of its first block) or run on ``pre[s]`` (x).  ``channels[s]`` (an int:
+    the width of the stage's blocks and output; None: read off the blocks) sizes its gates.  Stages are children "0",
+    "1", ... holding their blocks as "s.i", so the keys of a plain nn.Sequential of stages load.
+    """
+
+    def __init__(self, stages: Sequence, channels: Optional[Sequence] = None, projections=None,
+                 pre: Optional[Sequence[Optional[nn.Module]]] = None, chain: bool = True,
+                 r1: int = 4, r2: int = 4, backend: Optional[str] = None):
+        super().__init__()
+        stages = list(stages.children()) if isinstance(stages, nn.Sequential) else list(stages)
+        n = len(stages)
+        for s, st in enumerate(stages):
+            self.add_module(str(s), st if isinstance(st, FAStage) else FAStage(
+                st, s, channels=None if channels is None else channels[s],
+                stage_channels=channels[s] if channels is not None and isinstance(channels[s], int) else None,
+                proj="auto" if projections is None or projections[s] is None else projections[s],
+                pre=None if pre is None else pre[s], last=s == n - 1, chain=chain, r1=r1, r2=r2, backend=backend))
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, idx):
+        return [self._modules[str(s)] for s in range(self._n)][idx]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for s in range(self._n):
+            x = self._modules[str(s)](x)
+        return x
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation (Hu et al.): GAP -> Linear(C, C // r) -> ReLU -> Linear -> sigmoid ->
+    channel scale; both Linear layers with bias."""
+
+    def __init__(self, channels: int, r: int = 16):
+        super().__init__()
+        hidden = max(1, channels // r)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * s[:, :, None, None].to(x.dtype)
+
+
+def collect_k(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The k values of the last forward of every FA chain in ``model``, by module name, each
+    (N, n_gated) (column j = block j + 1); the stage-level k of a group of FAStage siblings under
+    ``"<parent>.stages"`` (``"stages"`` at the root), column s-1 = stage s."""
+    out: dict[str, torch.Tensor] = {}
+    stage_k: dict[str, list[torch.Tensor]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FASequential) and m.last_k:
+            out[name or "chain"] = torch.stack(m.last_k, dim=1)
+        if isinstance(m, FAStage) and m.last_stage_k is not None:
+            parent = name.rpartition(".")[0]
+            stage_k.setdefault(parent + ".stages" if parent else "stages", []).append(m.last_stage_k)
+    for key, ks in stage_k.items():
+        out[key] = torch.stack(ks, dim=1)
+    return out

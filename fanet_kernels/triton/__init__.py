@@ -1,0 +1,28 @@
+"""The Triton backend of the fused ops (SPEC §4): ``torch.ops.fanet_triton.*``.
+
+Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
+set before this package is first imported), which is how CI tests it without a GPU.
+Kernel families: ``fanet_kernels.triton.gate`` (gate, gate_pool and their backward ops) and
+``fanet_kernels.triton.focus``.
+"""
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+except ImportError as exc:  # backends.load() reports this as "unavailable"
+    raise ImportError("fanet_kernels.triton needs the 'triton' package, which is not installed "
+                      f"(pip install triton): {exc}") from exc
+
+from ..backends import Backend
+from . import focus, gate  # registers torch.ops.fanet_triton.*
+from .gate import AUTOTUNE, INTERPRET
+
+
+def _gate_pool(x, u, k):
+    return tuple(gate.gate_pool(x, u, k))
+
+
+BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
+                  gate=gate.gate, gate_pool=_gate_pool, focus=focus.focus)
+
+__all__ = ["AUTOTUNE", "BACKEND", "INTERPRET", "focus", "gate"]

@@ -1,0 +1,421 @@
+"""Triton kernels for ``gate`` and ``gate_pool`` and their backward ops (SPEC §4).
+
+Also holds what the Triton backend's kernel families share: the interpreter/driver guard,
+the launch heuristic, the int64-offset rule and the channel-block pool kernel that focus
+reuses.  Every launch is wrapped in a ``torch.library.custom_op`` (namespace ``fanet_triton``)
+with a fake kernel and autograd, so the ops trace under torch.compile and pass opcheck.
+
+Layouts: both NCHW and channels_last keep one sample's C*H*W elements contiguous at
+``n * C*H*W``, so the element-wise kernels (gate forward, both backwards) are flat sweeps that
+only need the layout to find an element's channel.  The pooling kernel tiles (channels x
+positions) with the stride pattern of the layout, so its loads are coalesced in both.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _validate
+
+# ---- interpreter / driver guard ------------------------------------------------------------
+# TRITON_INTERPRET=1 runs every kernel as a numpy simulation on the CPU (tensors may then live
+# on the CPU).  triton.jit reads it when a kernel is decorated, so it must be set before
+# fanet_kernels.triton is first imported.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# @triton.autotune benchmarks configs on the GPU and fails under the interpreter: it is used only
+# with a real driver.  This is the one place where the interpreter and the GPU differ: which
+# launch configs are tried; the kernels and the heuristic defaults are the same.
+AUTOTUNE: bool = not INTERPRET and torch.cuda.is_available()
+
+# Offsets are int32 unless a tensor can have this many elements or more (then int64).  A module
+# variable so that tests can force the int64 path on small tensors.
+INT64_THRESHOLD: int = 2**31
+
+def need_int64(*numels: int) -> bool:
+    """Whether offsets must be computed in int64 for tensors of these element counts."""
+    return max(numels, default=0) >= INT64_THRESHOLD
+
+
+def acc_tl(dtype: torch.dtype):
+    """The Triton accumulation type: float64 for float64 inputs, else float32 (SPEC §4)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("fanet: the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 "
+                           f"(argument 'x' is on {x.device})")
+
+
+def maybe_autotune(key: list[str]):
+    """@triton.autotune over num_warps (the heuristic fixes every block size, hence the grid and
+    buffer shapes) when a GPU driver is present; the plain kernel otherwise."""
+    def wrap(fn):
+        if not AUTOTUNE:
+            return fn
+        configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
+        return triton.autotune(configs=configs, key=key)(fn)
+    return wrap
+
+
+def launch(kernel, grid, *args, num_warps: int, **meta) -> None:
+    """Launch with the heuristic's warps, or let the autotuner pick them."""
+    if AUTOTUNE:
+        kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta, num_warps=num_warps)
+
+
+# ---- launch heuristic ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizes:
+    """The knobs of the heuristic.  On a GPU: 1024-element steps for the flat kernels (8 per
+    thread at 4 warps), 2048-element pool tiles, about 1024 programs per launch (a few waves;
+    a constant, not the SM count, so that how sums are split, hence their rounding, depends on
+    shapes only).  The interpreter runs programs one after another in Python at a cost per
+    program step almost independent of its size, so it gets 16x larger steps and few programs:
+    same kernels, same code paths, just other constants (tests cover splits explicitly)."""
+
+    block: int            # elements per loop step of the flat kernels
+    tile: int             # elements of one (channels x positions) pool tile
+    max_block_hw: int     # positions per NCHW pool tile
+    max_block_c: int      # channels per channels_last pool tile
+    target_programs: int  # programs a launch aims for
+    max_iters: int = 16   # loop steps per program of the flat reductions
+
+
+GPU_SIZES = Sizes(block=1024, tile=2048, max_block_hw=512, max_block_c=128, target_programs=1024)
+INTERPRETER_SIZES = Sizes(block=16384, tile=32768, max_block_hw=8192, max_block_c=2048, target_programs=8)
+
+
+def sizes() -> Sizes:
+    return INTERPRETER_SIZES if INTERPRET else GPU_SIZES
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    block_c: int   # channels per program
+    block_hw: int  # positions per loop step
+    split: int     # programs along H*W per (sample, channel block); > 1 means partial sums
+    hw_per: int    # positions per split (a multiple of block_hw)
+    num_warps: int
+
+
+def pool_config(n: int, c: int, hw: int, channels_last: bool, sz: Optional[Sizes] = None) -> PoolConfig:
+    """Tiles for a program per (sample, channel block) sweeping H*W.
+
+    NCHW: an (n, c) plane is contiguous, so a tile spans many positions of few channels;
+    channels_last: a position's channels are contiguous, so a tile spans many channels.
+    When N * channel blocks gives fewer than target_programs programs, H*W is split too (each
+    split at least 4 loop steps), and the per-split sums are added by a second, tiny reduction
+    in a fixed order.
+    """
+    sz = sz or sizes()
+    p2 = triton.next_power_of_2
+    if channels_last:
+        block_c = min(p2(max(c, 1)), sz.max_block_c)
+        block_hw = max(1, min(p2(hw), sz.tile // block_c))
+    else:
+        block_hw = min(p2(hw), sz.max_block_hw)
+        block_c = max(1, min(p2(max(c, 1)), sz.tile // block_hw))
+    programs = max(1, n * triton.cdiv(c, block_c))
+    split = max(1, min(triton.cdiv(sz.target_programs, programs), triton.cdiv(hw, 4 * block_hw)))
+    hw_per = triton.cdiv(triton.cdiv(hw, split), block_hw) * block_hw
+    split = triton.cdiv(hw, hw_per)
+    return PoolConfig(block_c, block_hw, split, hw_per, warps_for(block_c * block_hw))
+
+
+def flat_config(n: int, m: int, sz: Optional[Sizes] = None) -> tuple[int, int, int]:
+    """(BLOCK, iters, programs per sample) for the per-sample flat reductions over m = C*H*W
+    elements: enough programs to fill the GPU, at most max_iters loop steps each."""
+    sz = sz or sizes()
+    block = min(sz.block, triton.next_power_of_2(max(m, 1)))
+    steps = triton.cdiv(m, block)
+    iters = max(1, min(sz.max_iters, (n * steps) // sz.target_programs))
+    return block, iters, triton.cdiv(steps, iters)
+
+
+def warps_for(elements: int) -> int:
+    """Warps for a program handling this many elements per step: 4-8 elements per thread."""
+    return 8 if elements >= 2048 else 4 if elements >= 512 else 2
+
+
+# ---- kernels ---------------------------------------------------------------------------------
+@triton.jit
+def _gate_flat_kernel(x_ptr, u_ptr, k_ptr, out_ptr, numel, M,
+                      INT64: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """out = x + (u - x) * k[n], flat over all elements; n = offset // (C*H*W) in both layouts."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    kn = tl.load(k_ptr + offs // M, mask=mask, other=0)
+    xv = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
+    uv = tl.load(u_ptr + offs, mask=mask, other=0).to(ACC)
+    tl.store(out_ptr + offs, (xv + (uv - xv) * kn).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tile_sum(x_ptr, u_ptr, out_ptr, kn, base, c, c_mask, C, HW, hw_lo, hw_hi,
+             GATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+    """Sum over positions [hw_lo, hw_hi) of channels c (BLOCK_C of them) of one sample at base:
+    of out = gate(x, u, kn), which it also writes, if GATE, else of x.  Returns (BLOCK_C,)."""
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
+        hw = (hw0 + tl.arange(0, BLOCK_HW)).to(c.dtype)  # int64 when c is (large tensors)
+        if CHANNELS_LAST:
+            offs = base + hw[None, :] * C + c[:, None]
+        else:
+            offs = base + c[:, None] * HW + hw[None, :]
+        mask = c_mask[:, None] & (hw < hw_hi)[None, :]
+        v = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
+        if GATE:
+            uv = tl.load(u_ptr + offs, mask=mask, other=0).to(ACC)
+            v = v + (uv - v) * kn
+            tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+            v = tl.where(mask, v, 0)
+        acc += v
+    return tl.sum(acc, axis=1)
+
+
+@maybe_autotune(key=["C", "HW"])
+@triton.jit
+def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, N, C, HW, hw_per, divisor,
+                GATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+    """Program (n * channel blocks + block, split): channel sums of out = gate(x, u, k) (writing
+    out) if GATE, else of x, over the split's positions, divided by `divisor` (H*W for the means
+    when there is one split, 1 for partial sums), into sums[split, n, c]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    blocks = tl.cdiv(C, BLOCK_C)
+    n = pid // blocks
+    c = (pid % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INT64:
+        n = n.to(tl.int64)
+        c = c.to(tl.int64)
+    c_mask = c < C
+    kn = 0.0
+    if GATE:
+        kn = tl.load(k_ptr + n)
+    hw_lo = split * hw_per
+    hw_hi = tl.minimum(hw_lo + hw_per, HW)
+    s = tile_sum(x_ptr, u_ptr, out_ptr, kn, n * C * HW, c, c_mask, C, HW, hw_lo, hw_hi,
+                 GATE, CHANNELS_LAST, BLOCK_C, BLOCK_HW, ACC)
+    tl.store(sums_ptr + (split * N + n) * C + c, (s / divisor).to(sums_ptr.dtype.element_ty), mask=c_mask)
+
+
+@maybe_autotune(key=["M", "C", "HW"])
+@triton.jit
+def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial_ptr, M, C, HW, P, iters,
+                     HAS_G: tl.constexpr, FOLD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     INT64: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Program (n, p) sweeps elements [p*iters*BLOCK, (p+1)*iters*BLOCK) of sample n once: g =
+    grad_out (+ grad_pooled[n, c] / HW, pre-divided, if FOLD), writes grad_x = g - g*k and
+    grad_u = g*k, and its partial sum of g * (u - x) into partial[n, p]."""
+    pid = tl.program_id(0)
+    n = pid // P
+    p = pid % P
+    if INT64:
+        n = n.to(tl.int64)
+        p = p.to(tl.int64)
+    kn = tl.load(k_ptr + n)
+    base = n * M
+    start = p * iters * BLOCK
+    s = tl.zeros([BLOCK], dtype=ACC)
+    for it in range(iters):
+        j = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = j < M
+        offs = base + j
+        xv = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
+        uv = tl.load(u_ptr + offs, mask=mask, other=0).to(ACC)
+        if HAS_G:
+            g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
+        else:
+            g = tl.zeros([BLOCK], dtype=ACC)
+        if FOLD:
+            if CHANNELS_LAST:
+                c = j % C
+            else:
+                c = j // HW
+            g += tl.load(gp_ptr + n * C + c, mask=mask, other=0)
+        gk = g * kn
+        tl.store(gx_ptr + offs, (g - gk).to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gu_ptr + offs, gk.to(gu_ptr.dtype.element_ty), mask=mask)
+        s += g * (uv - xv)
+    tl.store(partial_ptr + pid, tl.sum(s, axis=0))
+
+
+# ---- launch code -----------------------------------------------------------------------------
+def in_kernel_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """t in the layout the kernels run in; a copy only when it is not already."""
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def _empty_out(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_validate.out_memory_format(x))
+
+
+def channel_sums(x: torch.Tensor, u: Optional[torch.Tensor], k: Optional[torch.Tensor],
+                 out: Optional[torch.Tensor], fmt: torch.memory_format, dtype: torch.dtype) -> torch.Tensor:
+    """Channel means (N, C) in `dtype` of gate(x, u, k) (writing it to out) if u is given, else of
+    x: one pass over x (and u).  x, u, out are in layout fmt; k is contiguous in the acc dtype."""
+    n, c, h, w = x.shape
+    hw = h * w
+    cl = fmt == torch.channels_last
+    cfg = pool_config(n, c, hw, cl)
+    acc = _validate.acc_dtype(x.dtype)
+    if n * c == 0:
+        return torch.zeros((n, c), dtype=dtype, device=x.device)
+    # One split: the kernel writes the means; several: partial sums, reduced in split order.
+    sums = torch.empty((cfg.split, n, c), dtype=dtype if cfg.split == 1 else acc, device=x.device)
+    gate = u is not None
+    grid = (n * triton.cdiv(c, cfg.block_c), cfg.split)
+    launch(pool_kernel, grid, x, u if gate else x, k if gate else x, out if gate else x, sums,
+           n, c, hw, cfg.hw_per, hw if cfg.split == 1 else 1,
+           GATE=gate, CHANNELS_LAST=cl, INT64=need_int64(x.numel()), BLOCK_C=cfg.block_c,
+           BLOCK_HW=cfg.block_hw, ACC=acc_tl(x.dtype), num_warps=cfg.num_warps)
+    if cfg.split == 1:
+        return sums[0]
+    return (sums.sum(0) / hw).to(dtype)
+
+
+def _prepare(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor):
+    _validate.check_gate(x, u, k)
+    check_device(x)
+    fmt = _validate.out_memory_format(x)
+    return in_kernel_format(x, fmt), in_kernel_format(u, fmt), k.to(_validate.acc_dtype(x.dtype)).contiguous(), fmt
+
+
+def _gate_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    x, u, ka, _ = _prepare(x, u, k)
+    out = _empty_out(x)
+    numel = x.numel()
+    if numel:
+        block = min(sizes().block, triton.next_power_of_2(numel))
+        launch(_gate_flat_kernel, (triton.cdiv(numel, block),), x, u, ka, out, numel, numel // x.shape[0],
+               INT64=need_int64(numel), BLOCK=block, ACC=acc_tl(x.dtype), num_warps=warps_for(block))
+    return out
+
+
+def _gate_pool_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x, u, ka, fmt = _prepare(x, u, k)
+    out = _empty_out(x)
+    pooled = channel_sums(x, u, ka, out, fmt, x.dtype)
+    return out, pooled
+
+
+def _check_grad_like(g: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    _validate.check_float(g, name)
+    _validate._need(g.shape == x.shape, f"argument '{name}' must have the shape of x {list(x.shape)}, "
+                    f"got {list(g.shape)}")
+    _validate._need(g.device == x.device, f"argument '{name}' must be on the device of x ({x.device}), "
+                    f"got {g.device}")
+
+
+def _check_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor],
+                    x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> None:
+    _validate.check_gate(x, u, k)
+    if grad_out is not None:
+        _check_grad_like(grad_out, x, "grad_out")
+    if grad_pooled is not None:
+        _validate.check_float(grad_pooled, "grad_pooled")
+        _validate._need(tuple(grad_pooled.shape) == tuple(x.shape[:2]),
+                        f"argument 'grad_pooled' must have shape ({x.shape[0]}, {x.shape[1]}), "
+                        f"got {list(grad_pooled.shape)}")
+        _validate._need(grad_pooled.device == x.device, f"argument 'grad_pooled' must be on the device "
+                        f"of x ({x.device}), got {grad_pooled.device}")
+
+
+def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor],
+                        x: torch.Tensor, u: torch.Tensor, k: torch.Tensor):
+    _check_backward(grad_out, grad_pooled, x, u, k)
+    kdtype = k.dtype
+    x, u, ka, fmt = _prepare(x, u, k)
+    acc = ka.dtype
+    gx, gu = _empty_out(x), _empty_out(x)
+    n, c, h, w = x.shape
+    hw, m = h * w, c * h * w
+    block, iters, per_sample = flat_config(n, m)
+    partial = torch.empty((n, per_sample), dtype=acc, device=x.device)
+    if x.numel():
+        g = in_kernel_format(grad_out.to(x.dtype), fmt) if grad_out is not None else x
+        # d pooled / d out = 1 / HW, divided here as autograd of mean does.
+        gp = (grad_pooled.to(acc) / hw).contiguous() if grad_pooled is not None else ka
+        launch(_gate_bwd_kernel, (n * per_sample,), g, gp, x, u, ka, gx, gu, partial, m, c, hw,
+               per_sample, iters, HAS_G=grad_out is not None, FOLD=grad_pooled is not None,
+               CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(x.numel()), BLOCK=block,
+               ACC=acc_tl(x.dtype), num_warps=warps_for(block))
+    # Per-sample sum of the per-program partials, in program order: deterministic.
+    return gx, gu, partial.sum(1).to(kdtype)
+
+
+# ---- custom ops ------------------------------------------------------------------------------
+@torch.library.custom_op("fanet_triton::gate", mutates_args=())
+def gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return _gate_impl(x, u, k)
+
+
+@torch.library.custom_op("fanet_triton::gate_pool", mutates_args=())
+def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gate_pool_impl(x, u, k)
+
+
+@torch.library.custom_op("fanet_triton::gate_backward", mutates_args=())
+def gate_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
+                  k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gate_backward_impl(grad_out, None, x, u, k)
+
+
+@torch.library.custom_op("fanet_triton::gate_pool_backward", mutates_args=())
+def gate_pool_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor], x: torch.Tensor,
+                       u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gate_backward_impl(grad_out, grad_pooled, x, u, k)
+
+
+@gate.register_fake
+def _(x, u, k):
+    _validate.check_gate(x, u, k)
+    return _empty_out(x)
+
+
+@gate_pool.register_fake
+def _(x, u, k):
+    _validate.check_gate(x, u, k)
+    return _empty_out(x), x.new_empty((x.shape[0], x.shape[1]))
+
+
+@gate_backward.register_fake
+def _(grad_out, x, u, k):
+    _check_backward(grad_out, None, x, u, k)
+    return _empty_out(x), _empty_out(x), k.new_empty(k.shape)
+
+
+@gate_pool_backward.register_fake
+def _(grad_out, grad_pooled, x, u, k):
+    _check_backward(grad_out, grad_pooled, x, u, k)
+    return _empty_out(x), _empty_out(x), k.new_empty(k.shape)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gate_bwd(ctx, grad_out):
+    return gate_backward(grad_out, *ctx.saved_tensors)
+
+
+def _gate_pool_bwd(ctx, grad_out, grad_pooled):
+    return gate_pool_backward(grad_out, grad_pooled, *ctx.saved_tensors)
+
+
+gate.register_autograd(_gate_bwd, setup_context=_save_inputs)
+gate_pool.register_autograd(_gate_pool_bwd, setup_context=_save_inputs)

@@ -1,0 +1,65 @@
+"""ResNeXt-29 8x16d for CIFAR (Xie et al. 2017; SPEC §3) with SE, FA and FA-SE variants."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..modules import FAStages
+from ._common import conv_bn, init_weights, maybe_se
+
+
+class ResNeXtBlock(nn.Module):
+    """1x1 conv-BN-ReLU, grouped 3x3 conv-BN-ReLU, 1x1 conv-BN, [SE], + shortcut (1x1 conv + BN
+    where shapes change), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int, cardinality: int, width: int,
+                 se_reduction: Optional[int] = None):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn_reduce = nn.BatchNorm2d(width)
+        self.conv_conv = nn.Conv2d(width, width, 3, stride, 1, groups=cardinality, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv_expand = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn_expand = nn.BatchNorm2d(cout)
+        self.se = maybe_se(cout, se_reduction)
+        self.shortcut = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn_reduce(self.conv_reduce(x)))
+        out = F.relu(self.bn(self.conv_conv(out)))
+        out = self.bn_expand(self.conv_expand(out))
+        if self.se is not None:
+            out = self.se(out)
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class CifarResNeXt(nn.Module):
+    """ResNeXt-(9n+2): stem 3x3 conv to 64, three stages of n blocks with outputs 256/512/1024 and
+    grouped width cardinality * base_width * 2^s."""
+
+    def __init__(self, depth: int = 29, cardinality: int = 8, base_width: int = 16, num_classes: int = 10,
+                 se_reduction: Optional[int] = None, fa: bool = False, tiny_imagenet: bool = False,
+                 r1: int = 4, r2: int = 4, backend: Optional[str] = None):
+        super().__init__()
+        if (depth - 2) % 9:
+            raise ValueError(f"argument 'depth' must be 9n+2, got {depth}")
+        n = (depth - 2) // 9
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 2 if tiny_imagenet else 1, 1, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        stages, cin = [], 64
+        for s, cout in enumerate((256, 512, 1024)):
+            width = cardinality * base_width * 2 ** s
+            stages.append(nn.Sequential(*[
+                ResNeXtBlock(cin if b == 0 else cout, cout, 2 if (s > 0 and b == 0) else 1, cardinality, width,
+                             se_reduction) for b in range(n)]))
+            cin = cout
+        self.layers = FAStages(stages, r1=r1, r2=r2, backend=backend) if fa else nn.Sequential(*stages)
+        self.fc = nn.Linear(1024, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -1,0 +1,96 @@
+"""apply_fa on torchvision (and timm, if installed) ResNet-family models."""
+import copy
+
+import pytest
+import torch
+import torchvision
+
+from fanet_kernels import apply_fa, collect_k
+from fanet_kernels.apply import added_parameters
+
+
+def _apply_and_load(model, **kw):
+    original = copy.deepcopy(model.state_dict())
+    n_before = sum(p.numel() for p in model.parameters())
+    apply_fa(model, **kw)
+    result = model.load_state_dict(original, strict=False)
+    assert result.unexpected_keys == []
+    new = [k for k in model.state_dict() if k not in original]
+    assert sorted(result.missing_keys) == sorted(new)
+    assert all(".fa." in k or ".stage_fa." in k or ".se." in k for k in new)
+    for k, v in original.items():  # the pretrained weights are in place
+        assert torch.equal(model.state_dict()[k], v), k
+    added = sum(p.numel() for p in model.parameters()) - n_before
+    assert added == added_parameters(model) > 0
+    return added
+
+
+def _train_step(model, size=64):
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    y = model(x)
+    y.square().mean().backward()
+    assert y.shape == (2, 1000) and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".fa." in n or "stage_fa" in n)
+
+
+def test_resnet18():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    added = _apply_and_load(model)
+    print(f"\napply_fa(resnet18): +{added:,} parameters ({added / 11_689_512:.2%})")
+    _train_step(model)
+    ks = collect_k(model)
+    assert ks["layer1"].shape == (2, 1) and ks["stages"].shape == (2, 3)
+
+
+def test_resnext50_with_se():
+    torch.manual_seed(0)
+    model = torchvision.models.resnext50_32x4d()
+    added = _apply_and_load(model, se=True)
+    print(f"\napply_fa(resnext50_32x4d, se=True): +{added:,} parameters")
+    _train_step(model, size=32)
+    assert collect_k(model)["layer3"].shape == (2, 5)
+
+
+def test_wide_resnet_keys_only():
+    with torch.device("meta"):
+        model = torchvision.models.wide_resnet50_2()
+        original = set(model.state_dict())
+        apply_fa(model)
+    assert original <= set(model.state_dict())
+
+
+def test_compile_fullgraph():
+    torch.manual_seed(0)
+    model = apply_fa(torchvision.models.resnet18())
+    x = torch.randn(2, 3, 32, 32)
+    # aot_eager: dynamo with fullgraph=True (no graph break) and AOT autograd through the fake
+    # kernels, without the minute of inductor codegen on this CPU
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
+    assert model.layer2.stage_fa.focus1.weight.grad is not None
+
+
+def test_projection_reused_not_recomputed():
+    model = apply_fa(torchvision.models.resnet18())
+    calls = []
+    model.layer2[0].downsample.register_forward_hook(lambda m, i, o: calls.append(1))
+    model(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 1
+
+
+def test_not_a_resnet():
+    with pytest.raises(TypeError, match="ResNet"):
+        apply_fa(torchvision.models.vgg11())
+
+
+def test_timm_resnet():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", num_classes=10)
+    added = _apply_and_load(model, se=True)
+    print(f"\napply_fa(timm resnet18, se=True): +{added:,} parameters")
+    y = model(torch.randn(2, 3, 32, 32))
+    y.sum().backward()
+    assert y.shape == (2, 10)
