@@ -1,0 +1,66 @@
+"""The ``fanet`` command line: train, eval, profile, cam, plot and compare.
+
+User errors (bad flags, missing or corrupt data, unreadable checkpoints) end with one line on
+stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .errors import CliError
+
+__all__ = ["main", "build_parser", "CliError"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the usage block; we want one line
+        raise CliError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import cam, compare, evaluate, plot, profile, train
+
+    parser = _Parser(prog="fanet", description="Train, evaluate and look inside Focus-and-Association networks.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    commands = [
+        ("train", train, "train a model (the paper's recipe by default)"),
+        ("eval", evaluate, "top-1 error of a checkpoint on a data set"),
+        ("profile", profile, "parameters and multiply-adds of zoo models, beside the paper's figures"),
+        ("cam", cam, "Grad-CAM heat maps and per-class block attention (k) of a checkpoint"),
+        ("plot", plot, "training curves (error and loss, train and test) from logs"),
+        ("compare", compare, "train several models on the same data and print their test errors side by side"),
+    ]
+    for name, module, help_text in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    if len(lines) > 1:  # re-raised from a DataLoader worker: the original message is the last line
+        text = lines[-1].split("CliError: ", 1)[-1]
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"fanet: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output folder, full disk, ...
+        print(f"fanet: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print("fanet: interrupted", file=sys.stderr)
+        return 130
