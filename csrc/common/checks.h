@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -121,6 +122,56 @@ inline FocusWeights prepare_focus_weights(const at::Tensor& x, const at::Tensor&
   const auto acc = acc_dtype(x.scalar_type());
   return {w1.to(acc).contiguous(), b1.to(acc).contiguous(), w2.to(acc).contiguous(),
           b2.to(acc).contiguous()};
+}
+
+// ---- host-side steps of the backward ops, shared by the device backends ------------------
+
+// Checked inputs of gate_backward / gate_pool_backward in the kernels' layout: g in x's dtype
+// (zeros when only `pooled` had a gradient: one kernel serves every case, and that case is
+// rare), gp (N, C) in the accumulation dtype, or undefined when `pooled` had no gradient.
+struct GateBackwardInputs {
+  GateInputs in;
+  at::Tensor g, gp;
+};
+
+inline GateBackwardInputs prepare_gate_backward(const std::optional<at::Tensor>& grad_out,
+                                                const std::optional<at::Tensor>& grad_pooled,
+                                                const at::Tensor& x, const at::Tensor& u,
+                                                const at::Tensor& k) {
+  auto in = prepare_gate(x, u, k);
+  const bool has_g = grad_out.has_value() && grad_out->defined();
+  if (has_g) check_grad_like(*grad_out, x, "grad_out");
+  at::Tensor g = has_g ? in_format(grad_out->to(x.scalar_type()), in.fmt) : at::zeros_like(in.x);
+  at::Tensor gp;
+  if (grad_pooled.has_value() && grad_pooled->defined()) {
+    const auto& p = *grad_pooled;
+    TORCH_CHECK_VALUE(p.dim() == 2 && p.size(0) == x.size(0) && p.size(1) == x.size(1),
+                      "fanet: argument 'grad_pooled' must have shape (", x.size(0), ", ", x.size(1),
+                      "), got ", shape_str(p));
+    check_float(p, "grad_pooled");
+    TORCH_CHECK_VALUE(p.device() == x.device(), "fanet: argument 'grad_pooled' must be on the device of x (",
+                      x.device(), "), got ", p.device());
+    gp = p.to(acc_dtype(x.scalar_type())).contiguous();
+  }
+  return {std::move(in), std::move(g), std::move(gp)};
+}
+
+inline void check_focus_grad(const at::Tensor& grad_k, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad_k.dim() == 1 && grad_k.size(0) == x.size(0), "fanet: argument 'grad_k' must have shape (",
+                    x.size(0), ",), got ", shape_str(grad_k));
+  check_float(grad_k, "grad_k");
+  TORCH_CHECK_VALUE(grad_k.device() == x.device(), "fanet: argument 'grad_k' must be on the device of x (",
+                    x.device(), "), got ", grad_k.device());
+}
+
+// Focus weight gradients from the per-sample MLP backward: sums over the batch as small
+// matrix products (a fixed order), cast to the weights' dtype.  l: (N, C) channel means,
+// hidden/grad_h: (N, H1), grad_z: (N,).  Returns (grad_w1, grad_b1, grad_w2, grad_b2).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focus_weight_grads(
+    const at::Tensor& l, const at::Tensor& hidden, const at::Tensor& grad_h, const at::Tensor& grad_z,
+    at::ScalarType weight_dtype) {
+  return {grad_h.t().mm(l).to(weight_dtype), grad_h.sum(0).to(weight_dtype),
+          grad_z.unsqueeze(0).mm(hidden).to(weight_dtype), grad_z.sum(0, /*keepdim=*/true).to(weight_dtype)};
 }
 
 }  // namespace fanet

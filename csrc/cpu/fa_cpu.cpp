@@ -176,6 +176,44 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
 // Backward sweep of the gate: reads grad_out, x, u once, folds grad_pooled / HW in when
 // kFold, writes grad_x and grad_u, and leaves one partial sum of g * (u - x) per work
 // unit in `partial`; the caller reduces those per sample in a fixed order.
+
+// One element (T = acc_t) or one SIMD vector (T = Vectorized) of that sweep: writes grad_x
+// and grad_u to gx, gu and returns the element's term of grad_k.
+template <bool kFold, typename T>
+inline T backward_element(T g, T x, T u, T k, T gp, T inv_hw, T& gx, T& gu) {
+  if constexpr (kFold) g = math::fold_pooled_grad(g, gp, inv_hw);
+  gx = math::gate_grad_x(g, k);
+  gu = math::gate_grad_u(g, k);
+  return math::gate_grad_k_term(g, x, u);
+}
+
+// Lanes::kStep elements at offset `at` of the backward sweep; gp0/gp1 are the pooled
+// gradients of those lanes, s0/s1 the running grad_k sums.
+template <bool kFold, typename scalar_t, typename AVec = typename Lanes<scalar_t>::AVec>
+inline void backward_step(const scalar_t* g, const scalar_t* x, const scalar_t* u, scalar_t* gx, scalar_t* gu,
+                          int64_t at, AVec k, AVec gp0, AVec gp1, AVec inv_hw, AVec& s0, AVec& s1) {
+  using L = Lanes<scalar_t>;
+  AVec g0, g1, x0, x1, u0, u1, gx0, gx1, gu0, gu1;
+  L::load(g + at, g0, g1);
+  L::load(x + at, x0, x1);
+  L::load(u + at, u0, u1);
+  s0 = s0 + backward_element<kFold>(g0, x0, u0, k, gp0, inv_hw, gx0, gu0);
+  s1 = s1 + backward_element<kFold>(g1, x1, u1, k, gp1, inv_hw, gx1, gu1);
+  L::store(gx + at, gx0, gx1);
+  L::store(gu + at, gu0, gu1);
+}
+
+// The scalar tail of a sweep: one element at offset `at`.
+template <bool kFold, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline acc_t backward_tail(const scalar_t* g, const scalar_t* x, const scalar_t* u, scalar_t* gx, scalar_t* gu,
+                           int64_t at, acc_t k, acc_t gp, acc_t inv_hw) {
+  acc_t gxv, guv;
+  const acc_t term = backward_element<kFold>(acc_t(g[at]), acc_t(x[at]), acc_t(u[at]), k, gp, inv_hw, gxv, guv);
+  gx[at] = scalar_t(gxv);
+  gu[at] = scalar_t(guv);
+  return term;
+}
+
 template <typename scalar_t, bool kFold>
 void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x,
                         const scalar_t* u, const at::opmath_type<scalar_t>* k, scalar_t* gx, scalar_t* gu,
@@ -185,35 +223,16 @@ void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
   using AVec = typename L::AVec;
   const acc_t inv_hw = acc_t(1) / acc_t(HW);
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
+    for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c): one k, one pooled gradient
       const int64_t base = p * HW;
-      const acc_t kn = k[p / C];
-      const acc_t gpn = kFold ? gp[p] : acc_t(0);
+      const acc_t kn = k[p / C], gpn = kFold ? gp[p] : acc_t(0);
       const AVec kv(kn), gpv(gpn), ihv(inv_hw);
       AVec s0(acc_t(0)), s1(acc_t(0));
       int64_t i = 0;
-      for (; i + L::kStep <= HW; i += L::kStep) {
-        AVec g0, g1, x0, x1, u0, u1;
-        L::load(g + base + i, g0, g1);
-        L::load(x + base + i, x0, x1);
-        L::load(u + base + i, u0, u1);
-        if constexpr (kFold) {
-          g0 = math::fold_pooled_grad(g0, gpv, ihv);
-          g1 = math::fold_pooled_grad(g1, gpv, ihv);
-        }
-        L::store(gx + base + i, math::gate_grad_x(g0, kv), math::gate_grad_x(g1, kv));
-        L::store(gu + base + i, math::gate_grad_u(g0, kv), math::gate_grad_u(g1, kv));
-        s0 = s0 + math::gate_grad_k_term(g0, x0, u0);
-        s1 = s1 + math::gate_grad_k_term(g1, x1, u1);
-      }
+      for (; i + L::kStep <= HW; i += L::kStep)
+        backward_step<kFold>(g, x, u, gx, gu, base + i, kv, gpv, gpv, ihv, s0, s1);
       acc_t s = L::sum(s0, s1);
-      for (; i < HW; ++i) {
-        acc_t gv = acc_t(g[base + i]);
-        if constexpr (kFold) gv = math::fold_pooled_grad(gv, gpn, inv_hw);
-        gx[base + i] = scalar_t(math::gate_grad_x(gv, kn));
-        gu[base + i] = scalar_t(math::gate_grad_u(gv, kn));
-        s += math::gate_grad_k_term(gv, acc_t(x[base + i]), acc_t(u[base + i]));
-      }
+      for (; i < HW; ++i) s += backward_tail<kFold>(g, x, u, gx, gu, base + i, kn, gpn, inv_hw);
       partial[p] = s;
     }
   });
@@ -229,39 +248,25 @@ void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
   const acc_t inv_hw = acc_t(1) / acc_t(HW);
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
+    for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
       const int64_t n = unit / blocks;
       const int64_t c0 = (unit % blocks) * kChannelBlock;
       const int64_t cb = std::min(kChannelBlock, C - c0);
       const acc_t kn = k[n];
-      const AVec kv(kn), ihv(inv_hw);
-      const acc_t* gpn = kFold ? gp + n * C + c0 : nullptr;
+      const AVec kv(kn), ihv(inv_hw), zero(acc_t(0));
+      const acc_t* gpn = kFold ? gp + n * C + c0 : nullptr;  // one pooled gradient per channel
       AVec s0(acc_t(0)), s1(acc_t(0));
       acc_t s = acc_t(0);
       for (int64_t hw = 0; hw < HW; ++hw) {
         const int64_t base = (n * HW + hw) * C + c0;
         int64_t j = 0;
         for (; j + L::kStep <= cb; j += L::kStep) {
-          AVec g0, g1, x0, x1, u0, u1;
-          L::load(g + base + j, g0, g1);
-          L::load(x + base + j, x0, x1);
-          L::load(u + base + j, u0, u1);
-          if constexpr (kFold) {
-            g0 = math::fold_pooled_grad(g0, AVec::loadu(gpn + j), ihv);
-            g1 = math::fold_pooled_grad(g1, AVec::loadu(gpn + j + AVec::size()), ihv);
-          }
-          L::store(gx + base + j, math::gate_grad_x(g0, kv), math::gate_grad_x(g1, kv));
-          L::store(gu + base + j, math::gate_grad_u(g0, kv), math::gate_grad_u(g1, kv));
-          s0 = s0 + math::gate_grad_k_term(g0, x0, u0);
-          s1 = s1 + math::gate_grad_k_term(g1, x1, u1);
+          const AVec gp0 = kFold ? AVec::loadu(gpn + j) : zero;
+          const AVec gp1 = kFold ? AVec::loadu(gpn + j + AVec::size()) : zero;
+          backward_step<kFold>(g, x, u, gx, gu, base + j, kv, gp0, gp1, ihv, s0, s1);
         }
-        for (; j < cb; ++j) {
-          acc_t gv = acc_t(g[base + j]);
-          if constexpr (kFold) gv = math::fold_pooled_grad(gv, gpn[j], inv_hw);
-          gx[base + j] = scalar_t(math::gate_grad_x(gv, kn));
-          gu[base + j] = scalar_t(math::gate_grad_u(gv, kn));
-          s += math::gate_grad_k_term(gv, acc_t(x[base + j]), acc_t(u[base + j]));
-        }
+        for (; j < cb; ++j)
+          s += backward_tail<kFold>(g, x, u, gx, gu, base + j, kn, kFold ? gpn[j] : acc_t(0), inv_hw);
       }
       partial[unit] = s + L::sum(s0, s1);
     }
@@ -350,34 +355,23 @@ Tensor focus(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& 
   return k.to(x.scalar_type());
 }
 
-// Shared by gate_backward and gate_pool_backward: grad_pooled may be undefined.
-std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const Tensor& grad_out, const Tensor& grad_pooled,
-                                                      const Tensor& x, const Tensor& u, const Tensor& k) {
-  const auto in = prepare_gate(x, u, k);
-  check_grad_like(grad_out, x, "grad_out");
-  const bool fold = grad_pooled.defined();
-  const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
-  if (fold) {
-    TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == N && grad_pooled.size(1) == C,
-                "fanet: argument 'grad_pooled' must have shape (", N, ", ", C, "), got ",
-                shape_str(grad_pooled));
-    check_float(grad_pooled, "grad_pooled");
-  }
-  const Tensor g = in_format(grad_out.to(x.scalar_type()), in.fmt);
-  const auto acc = acc_dtype(x.scalar_type());
-  const Tensor gp = fold ? grad_pooled.to(acc).contiguous() : Tensor();
-  Tensor gx = at::empty(x.sizes(), x.options().memory_format(in.fmt));
-  Tensor gu = at::empty(x.sizes(), x.options().memory_format(in.fmt));
+// Shared by gate_backward and gate_pool_backward (b.gp undefined: no pooled gradient).
+std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& b, const Tensor& k) {
+  const auto& in = b.in;
+  const bool fold = b.gp.defined();
+  const int64_t N = in.x.size(0), C = in.x.size(1), HW = plane(in.x);
+  Tensor gx = at::empty(in.x.sizes(), in.x.options().memory_format(in.fmt));
+  Tensor gu = at::empty(in.x.sizes(), in.x.options().memory_format(in.fmt));
   const bool cl = in.fmt == at::MemoryFormat::ChannelsLast;
   const int64_t units = cl ? (C + kChannelBlock - 1) / kChannelBlock : C;
-  Tensor partial = at::zeros({N, units}, x.options().dtype(acc));
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_gate_backward_cpu", [&] {
+  Tensor partial = at::zeros({N, units}, in.k.options());
+  if (in.x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fanet_gate_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t *gptr = g.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>(),
+      const scalar_t *gptr = b.g.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>(),
                      *up = in.u.const_data_ptr<scalar_t>();
       const acc_t* kp = in.k.const_data_ptr<acc_t>();
-      const acc_t* gpp = fold ? gp.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* gpp = fold ? b.gp.const_data_ptr<acc_t>() : nullptr;
       scalar_t *gxp = gx.mutable_data_ptr<scalar_t>(), *gup = gu.mutable_data_ptr<scalar_t>();
       acc_t* pp = partial.mutable_data_ptr<acc_t>();
       const auto run = [&](auto fold_tag) {
@@ -391,22 +385,18 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const Tensor& grad_out, co
     });
   }
   // Per-sample sum of the per-unit partials, in unit order: deterministic.
-  Tensor gk = partial.sum(1).to(k.scalar_type());
-  return {gx, gu, gk};
+  return {gx, gu, partial.sum(1).to(k.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor, Tensor> gate_backward(const Tensor& grad_out, const Tensor& x, const Tensor& u,
                                                  const Tensor& k) {
-  return gate_backward_impl(grad_out, Tensor(), x, u, k);
+  return gate_backward_impl(prepare_gate_backward(grad_out, std::nullopt, x, u, k), k);
 }
 
 std::tuple<Tensor, Tensor, Tensor> gate_pool_backward(const std::optional<Tensor>& grad_out,
                                                       const std::optional<Tensor>& grad_pooled,
                                                       const Tensor& x, const Tensor& u, const Tensor& k) {
-  // Only pooled used: a zero grad_out keeps one kernel for every case (a rare path).
-  const Tensor g = grad_out.has_value() && grad_out->defined() ? *grad_out : at::zeros_like(x);
-  const Tensor gp = grad_pooled.has_value() ? *grad_pooled : Tensor();
-  return gate_backward_impl(g, gp, x, u, k);
+  return gate_backward_impl(prepare_gate_backward(grad_out, grad_pooled, x, u, k), k);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& grad_k, const Tensor& x,
@@ -414,9 +404,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& 
                                                                   const Tensor& w2, const Tensor& b2) {
   const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
   const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0), HW = plane(x);
-  TORCH_CHECK_VALUE(grad_k.dim() == 1 && grad_k.size(0) == N, "fanet: argument 'grad_k' must have shape (", N,
-              ",), got ", shape_str(grad_k));
-  check_float(grad_k, "grad_k");
+  check_focus_grad(grad_k, x);
   const auto fmt = kernel_memory_format(x);
   const Tensor xf = in_format(x, fmt);
   // The pool is recomputed (focus returns only k'), then MLP backward per sample.
@@ -447,12 +435,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& 
                                     fmt == at::MemoryFormat::ChannelsLast);
     });
   }
-  // Weight gradients: sums over the batch as small matrix products (fixed order).
-  const auto wdt = w1.scalar_type();
-  Tensor gw1 = grad_h.t().mm(l).to(wdt);
-  Tensor gb1 = grad_h.sum(0).to(wdt);
-  Tensor gw2 = grad_z.unsqueeze(0).mm(hidden).to(wdt);
-  Tensor gb2 = grad_z.sum(0, /*keepdim=*/true).to(wdt);
+  auto [gw1, gb1, gw2, gb2] = focus_weight_grads(l, hidden, grad_h, grad_z, w1.scalar_type());
   return {gx, gw1, gb1, gw2, gb2};
 }
 

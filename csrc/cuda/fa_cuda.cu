@@ -533,25 +533,15 @@ Tensor focus(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& 
   return k.to(x.scalar_type());
 }
 
-// Shared by gate_backward and gate_pool_backward: grad_pooled may be undefined.
-std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const Tensor& grad_out, const Tensor& grad_pooled,
-                                                      const Tensor& x, const Tensor& u, const Tensor& k) {
-  const auto in = prepare_gate(x, u, k);
-  check_grad_like(grad_out, x, "grad_out");
-  const bool fold = grad_pooled.defined();
+// Shared by gate_backward and gate_pool_backward (b.gp undefined: no pooled gradient).
+std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& b, const Tensor& k) {
+  const auto& in = b.in;
+  const Tensor &g = b.g, &gp = b.gp;
+  const bool fold = gp.defined();
+  const Tensor& x = in.x;
   const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
-  if (fold) {
-    TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == N && grad_pooled.size(1) == C,
-                "fanet: argument 'grad_pooled' must have shape (", N, ", ", C, "), got ",
-                shape_str(grad_pooled));
-    check_float(grad_pooled, "grad_pooled");
-    TORCH_CHECK_VALUE(grad_pooled.device() == x.device(), "fanet: argument 'grad_pooled' must be on the device of x (",
-                x.device(), "), got ", grad_pooled.device());
-  }
   const at::cuda::CUDAGuard guard(x.device());
-  const Tensor g = in_format(grad_out.to(x.scalar_type()), in.fmt);
   const auto acc = acc_dtype(x.scalar_type());
-  const Tensor gp = fold ? grad_pooled.to(acc).contiguous() : Tensor();
   Tensor gx = at::empty(x.sizes(), x.options().memory_format(in.fmt));
   Tensor gu = at::empty(x.sizes(), x.options().memory_format(in.fmt));
   if (x.numel() == 0) return {gx, gu, at::zeros({N}, k.options())};
@@ -606,16 +596,13 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const Tensor& grad_out, co
 
 std::tuple<Tensor, Tensor, Tensor> gate_backward(const Tensor& grad_out, const Tensor& x, const Tensor& u,
                                                  const Tensor& k) {
-  return gate_backward_impl(grad_out, Tensor(), x, u, k);
+  return gate_backward_impl(prepare_gate_backward(grad_out, std::nullopt, x, u, k), k);
 }
 
 std::tuple<Tensor, Tensor, Tensor> gate_pool_backward(const std::optional<Tensor>& grad_out,
                                                       const std::optional<Tensor>& grad_pooled,
                                                       const Tensor& x, const Tensor& u, const Tensor& k) {
-  // Only pooled used: a zero grad_out keeps one kernel for every case (a rare path).
-  const Tensor g = grad_out.has_value() && grad_out->defined() ? *grad_out : at::zeros_like(x);
-  const Tensor gp = grad_pooled.has_value() ? *grad_pooled : Tensor();
-  return gate_backward_impl(g, gp, x, u, k);
+  return gate_backward_impl(prepare_gate_backward(grad_out, grad_pooled, x, u, k), k);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& grad_k, const Tensor& x,
@@ -623,11 +610,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& 
                                                                   const Tensor& w2, const Tensor& b2) {
   const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
   const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0), HW = plane(x);
-  TORCH_CHECK_VALUE(grad_k.dim() == 1 && grad_k.size(0) == N, "fanet: argument 'grad_k' must have shape (", N,
-              ",), got ", shape_str(grad_k));
-  check_float(grad_k, "grad_k");
-  TORCH_CHECK_VALUE(grad_k.device() == x.device(), "fanet: argument 'grad_k' must be on the device of x (",
-              x.device(), "), got ", grad_k.device());
+  check_focus_grad(grad_k, x);
   const at::cuda::CUDAGuard guard(x.device());
   const auto fmt = kernel_memory_format(x);
   const Tensor xf = in_format(x, fmt);
@@ -657,12 +640,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& 
       });
     });
   }
-  // Weight gradients: sums over the batch as small matrix products (fixed order).
-  const auto wdt = w1.scalar_type();
-  Tensor gw1 = grad_h.t().mm(l).to(wdt);
-  Tensor gb1 = grad_h.sum(0).to(wdt);
-  Tensor gw2 = grad_z.unsqueeze(0).mm(hidden).to(wdt);
-  Tensor gb2 = grad_z.sum(0, /*keepdim=*/true).to(wdt);
+  auto [gw1, gb1, gw2, gb2] = focus_weight_grads(l, hidden, grad_h, grad_z, w1.scalar_type());
   return {gx, gw1, gb1, gw2, gb2};
 }
 
