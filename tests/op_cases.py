@@ -58,3 +58,34 @@ def make_focus_weights(c: int, dtype: torch.dtype = torch.float32, *, device: st
     ws = [torch.randn(h1, c, generator=g) / max(1, c) ** 0.5, torch.randn(h1, generator=g) * 0.1,
           torch.randn(1, h1, generator=g) / h1 ** 0.5, torch.randn(1, generator=g) * 0.1]
     return [w.to(dtype).to(device).requires_grad_(requires_grad) for w in ws]
+
+
+def k_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of k and the focus weights for inputs of ``dtype`` (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_tol(dtype: torch.dtype) -> dict:
+    """Gradients reduced over H*W (pooled, grad_k, weight grads) get a looser bound."""
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
+
+
+def grads(fn, inputs, seed: int = 5) -> tuple[torch.Tensor, ...]:
+    """Gradients of sum(out_i * random_i) over fn's outputs, w.r.t. inputs."""
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
+    return torch.autograd.grad(loss, inputs)
+
+
+def cuda_skip_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on CUDA tensors here (None if it can)."""
+    import fanet_kernels as fk
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: torch.cuda.is_available() is False"
+    if backend not in fk.available_backends("cuda"):
+        reason = fk.backends.unavailable_reason(backend) or "it does not support CUDA tensors"
+        return f"backend {backend!r} not available for CUDA tensors: {reason}"
+    return None

@@ -1,7 +1,11 @@
 """The fused ops of every backend against the reference (SPEC §4).
 
-Backends under test: every one that runs on CPU tensors here ("cpu", and "triton" under
-TRITON_INTERPRET=1).  The CUDA backend runs the same cases in test_cuda.py.
+Each op test runs once per target, a (backend, device) pair: every fused backend that runs on CPU
+tensors here ("cpu", and "triton" under TRITON_INTERPRET=1), and the CUDA targets ("cuda" and
+"triton" on CUDA tensors), which are marked ``cuda`` and skipped, with the reason, without a GPU.
+Test ids start with "<backend>-<device>": ``-k cpu-cpu`` selects the C++ CPU kernels,
+``-k triton-cpu`` the Triton interpreter, ``-m cuda -rs`` the CUDA targets.  CUDA-only tests
+(alignment, streams, devices) are in test_cuda.py.
 """
 from __future__ import annotations
 
@@ -13,30 +17,35 @@ import torch
 
 import fanet_kernels as fk
 from fanet_kernels import ops, reference
-from op_cases import DTYPES, LAYOUTS, SHAPES, TOL, make, make_focus_weights, make_k
+from op_cases import (DTYPES, LAYOUTS, SHAPES, TOL, cuda_skip_reason, grad_tol, grads, k_dtype, make,
+                      make_focus_weights, make_k)
 
 FUSED = [b for b in fk.available_backends("cpu") if b != "reference"]
 pytestmark = pytest.mark.skipif(not FUSED, reason="no fused backend built (see README: pip install -e .)")
 
+
+def _cuda_target(backend: str):
+    reason = cuda_skip_reason(backend)
+    return pytest.param((backend, "cuda"), id=f"{backend}-cuda",
+                        marks=[pytest.mark.cuda, pytest.mark.skipif(reason is not None, reason=reason or "")])
+
+
+TARGETS = [pytest.param((b, "cpu"), id=f"{b}-cpu") for b in FUSED] + \
+    [_cuda_target(b) for b in ("cuda", "triton")]
+# The raw C++ ops (torch.ops.fanet.*) behind the "cpu" and "cuda" backends.
+NATIVE_TARGETS = [t for t in TARGETS if t.values[0][0] in ("cpu", "cuda")]
+
 # The Triton interpreter simulates every program in numpy: give it a smaller "large" case.
-LARGE_FOR = {"triton": (2, 64, 64, 64)}
+LARGE_FOR = {("triton", "cpu"): (2, 64, 64, 64)}
 
 
-def shape_of(name: str, backend: str) -> tuple[int, ...]:
-    return LARGE_FOR.get(backend, SHAPES[name]) if name == "large" else SHAPES[name]
+def shape_of(name: str, target: tuple[str, str]) -> tuple[int, ...]:
+    return LARGE_FOR.get(target, SHAPES[name]) if name == "large" else SHAPES[name]
 
 
-def k_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def grad_tol(dtype: torch.dtype) -> dict:
-    """Gradients reduced over H*W (pooled, grad_k, weight grads) get a looser bound."""
-    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
-
-
-@pytest.fixture(params=FUSED)
-def backend(request) -> str:
+@pytest.fixture(params=TARGETS)
+def target(request) -> tuple[str, str]:
+    """(backend, device): the backend under test and the device its tensors are created on."""
     return request.param
 
 
@@ -49,11 +58,11 @@ def native_ops(backend: str):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dname", list(DTYPES))
 @pytest.mark.parametrize("sname", list(SHAPES))
-def test_forward_matches_reference(backend, sname, dname, layout):
-    dtype, shape = DTYPES[dname], shape_of(sname, backend)
-    x, u = make(shape, dtype, layout, seed=0), make(shape, dtype, layout, seed=1)
-    k = make_k(shape[0], k_dtype(dtype))
-    ws = make_focus_weights(shape[1], k_dtype(dtype))
+def test_forward_matches_reference(target, sname, dname, layout):
+    (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
+    x, u = make(shape, dtype, layout, device=dev, seed=0), make(shape, dtype, layout, device=dev, seed=1)
+    k = make_k(shape[0], k_dtype(dtype), device=dev)
+    ws = make_focus_weights(shape[1], k_dtype(dtype), device=dev)
 
     out = ops.gate(x, u, k, backend=backend)
     out2, pooled = ops.gate_pool(x, u, k, backend=backend)
@@ -65,6 +74,7 @@ def test_forward_matches_reference(backend, sname, dname, layout):
     torch.testing.assert_close(pooled, ref_pooled, **TOL[dtype])
     torch.testing.assert_close(kf, reference.focus(x, *ws), **TOL[dtype])
     assert out.dtype == pooled.dtype == kf.dtype == dtype
+    assert out.device == pooled.device == kf.device == x.device
     assert pooled.shape == shape[:2] and kf.shape == shape[:1]
     # out keeps x's memory format; any other stride pattern comes back contiguous.
     want = torch.channels_last if layout == "channels_last" and not x.is_contiguous() else torch.contiguous_format
@@ -72,30 +82,21 @@ def test_forward_matches_reference(backend, sname, dname, layout):
 
 
 # ---- backward ---------------------------------------------------------------------------
-def _grads(fn, inputs, seed=5):
-    """Gradients of sum(out_i * random_i) over fn's outputs, w.r.t. inputs."""
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
-    return torch.autograd.grad(loss, inputs)
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dname", list(DTYPES))
 @pytest.mark.parametrize("sname", [s for s in SHAPES if s != "N0"])
 @pytest.mark.parametrize("op", ["gate", "gate_pool", "focus"])
-def test_backward_matches_reference(backend, op, sname, dname, layout):
-    dtype, shape = DTYPES[dname], shape_of(sname, backend)
+def test_backward_matches_reference(target, op, sname, dname, layout):
+    (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
     if op == "focus":
-        inputs = [make(shape, dtype, layout, requires_grad=True),
-                  *make_focus_weights(shape[1], k_dtype(dtype), requires_grad=True)]
+        inputs = [make(shape, dtype, layout, device=dev, requires_grad=True),
+                  *make_focus_weights(shape[1], k_dtype(dtype), device=dev, requires_grad=True)]
     else:
-        inputs = [make(shape, dtype, layout, requires_grad=True, seed=0),
-                  make(shape, dtype, layout, requires_grad=True, seed=1),
-                  make_k(shape[0], k_dtype(dtype), requires_grad=True)]
-    fused = _grads(lambda *a: getattr(ops, op)(*a, backend=backend), inputs)
-    ref = _grads(getattr(reference, op), inputs)
+        inputs = [make(shape, dtype, layout, device=dev, requires_grad=True, seed=0),
+                  make(shape, dtype, layout, device=dev, requires_grad=True, seed=1),
+                  make_k(shape[0], k_dtype(dtype), device=dev, requires_grad=True)]
+    fused = grads(lambda *a: getattr(ops, op)(*a, backend=backend), inputs)
+    ref = grads(getattr(reference, op), inputs)
     for i, (a, b) in enumerate(zip(fused, ref)):
         elementwise = op != "focus" and i < 2  # grad_x, grad_u of the gate are per element
         tol = TOL[dtype] if elementwise else grad_tol(dtype)
@@ -103,73 +104,79 @@ def test_backward_matches_reference(backend, op, sname, dname, layout):
 
 
 @pytest.mark.parametrize("used", ["out", "pooled"])
-def test_gate_pool_backward_with_one_output_unused(backend, used):
-    x, u = make((2, 3, 5, 4), torch.float32, "contiguous", requires_grad=True, seed=0), \
-        make((2, 3, 5, 4), torch.float32, "contiguous", requires_grad=True, seed=1)
-    k = make_k(2, requires_grad=True)
+def test_gate_pool_backward_with_one_output_unused(target, used):
+    backend, dev = target
+    x = make((2, 3, 5, 4), torch.float32, "contiguous", device=dev, requires_grad=True, seed=0)
+    u = make((2, 3, 5, 4), torch.float32, "contiguous", device=dev, requires_grad=True, seed=1)
+    k = make_k(2, device=dev, requires_grad=True)
     pick = 0 if used == "out" else 1
-    fused = _grads(lambda *a: ops.gate_pool(*a, backend=backend)[pick], [x, u, k])
-    ref = _grads(lambda *a: reference.gate_pool(*a)[pick], [x, u, k])
+    fused = grads(lambda *a: ops.gate_pool(*a, backend=backend)[pick], [x, u, k])
+    ref = grads(lambda *a: reference.gate_pool(*a)[pick], [x, u, k])
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, **grad_tol(torch.float32))
 
 
-def test_backward_is_deterministic(backend):
-    """grad_k is reduced without atomics: identical bits across runs and thread counts."""
-    shape = shape_of("large", backend)
+@pytest.mark.parametrize("dname", ["f32", "bf16"])
+def test_backward_is_deterministic(target, dname):
+    """grad_k and the pools are reduced without atomics: identical bits across runs and thread counts."""
+    (backend, dev), shape = target, shape_of("large", target)
     for layout in ("contiguous", "channels_last"):
-        x = make(shape, torch.float32, layout, requires_grad=True, seed=0)
-        u = make(shape, torch.float32, layout, requires_grad=True, seed=1)
-        k = make_k(shape[0], requires_grad=True)
+        x = make(shape, DTYPES[dname], layout, device=dev, requires_grad=True, seed=0)
+        u = make(shape, DTYPES[dname], layout, device=dev, requires_grad=True, seed=1)
+        k = make_k(shape[0], device=dev, requires_grad=True)
+        ws = make_focus_weights(shape[1], device=dev, requires_grad=True)
         threads = torch.get_num_threads()
-        results = []
-        for n in (threads, 1, threads):
+        runs = []
+        for n in (threads, 1, threads):  # the thread count matters to the CPU kernels only
             torch.set_num_threads(n)
             try:
-                results.append(_grads(lambda *a: ops.gate_pool(*a, backend=backend), [x, u, k]))
+                fwd = ops.gate_pool(x, u, k, backend=backend)
+                gate_grads = grads(lambda *a: ops.gate_pool(*a, backend=backend), [x, u, k])
+                focus_grads = grads(lambda *a: ops.focus(*a, backend=backend), [x, *ws])
+                runs.append((*fwd, *gate_grads, *focus_grads))
             finally:
                 torch.set_num_threads(threads)
-        for other in results[1:]:
-            for a, b in zip(results[0], other):
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
                 assert torch.equal(a, b)
 
 
 # ---- torch.library.opcheck, gradcheck, torch.compile --------------------------------------
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("op", ["gate", "gate_pool", "focus"])
-def test_opcheck(backend, op, layout):
-    shape = (2, 6, 3, 5)
-    x = make(shape, torch.float32, layout, requires_grad=True)
+def test_opcheck(target, op, layout):
+    (backend, dev), shape = target, (2, 6, 3, 5)
+    x = make(shape, torch.float32, layout, device=dev, requires_grad=True)
     if op == "focus":
-        args = (x, *make_focus_weights(6, requires_grad=True))
+        args = (x, *make_focus_weights(6, device=dev, requires_grad=True))
     else:
-        args = (x, make(shape, torch.float32, layout, requires_grad=True, seed=1), make_k(2, requires_grad=True))
+        args = (x, make(shape, torch.float32, layout, device=dev, requires_grad=True, seed=1),
+                make_k(2, device=dev, requires_grad=True))
     torch.library.opcheck(getattr(native_ops(backend), op).default, args)
 
 
 @pytest.mark.parametrize("op", ["gate_backward", "gate_pool_backward", "focus_backward"])
-def test_opcheck_backward_ops(op):
-    if "cpu" not in FUSED:
-        pytest.skip("the C++ ops are not built")
-    shape = (2, 4, 3, 3)
-    x, u, g = (make(shape, torch.float32, "contiguous", seed=s) for s in range(3))
-    k = make_k(2)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)  # overrides the fixture: the C++ backward ops only
+def test_opcheck_backward_ops(target, op):
+    dev, shape = target[1], (2, 4, 3, 3)
+    x, u, g = (make(shape, torch.float32, "contiguous", device=dev, seed=s) for s in range(3))
+    k = make_k(2, device=dev)
     if op == "gate_backward":
         args = (g, x, u, k)
     elif op == "gate_pool_backward":
-        args = (g, torch.randn(2, 4), x, u, k)
+        args = (g, torch.randn(2, 4, device=dev), x, u, k)
     else:
-        args = (torch.randn(2), x, *make_focus_weights(4))
+        args = (torch.randn(2, device=dev), x, *make_focus_weights(4, device=dev))
     torch.library.opcheck(getattr(torch.ops.fanet, op).default, args)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_gradcheck_float64(backend, layout):
-    shape = (2, 3, 4, 5)
-    x = make(shape, torch.float64, layout, requires_grad=True)
-    u = make(shape, torch.float64, layout, requires_grad=True, seed=1)
-    k = make_k(2, torch.float64, requires_grad=True)
-    ws = make_focus_weights(3, torch.float64, requires_grad=True, r1=1)
+def test_gradcheck_float64(target, layout):
+    (backend, dev), shape = target, (2, 3, 4, 5)
+    x = make(shape, torch.float64, layout, device=dev, requires_grad=True)
+    u = make(shape, torch.float64, layout, device=dev, requires_grad=True, seed=1)
+    k = make_k(2, torch.float64, device=dev, requires_grad=True)
+    ws = make_focus_weights(3, torch.float64, device=dev, requires_grad=True, r1=1)
     assert torch.autograd.gradcheck(lambda *a: ops.gate(*a, backend=backend), (x, u, k))
     assert torch.autograd.gradcheck(lambda *a: ops.gate_pool(*a, backend=backend), (x, u, k))
     assert torch.autograd.gradcheck(lambda *a: ops.focus(*a, backend=backend), (x, *ws))
@@ -191,10 +198,11 @@ class _TinyFA(torch.nn.Module):
         return ops.gate(out, torch.relu(self.conv(out)), pooled.mean(1).sigmoid(), backend=self.backend)
 
 
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(target):
+    backend, dev = target
     torch._dynamo.reset()
-    model = _TinyFA(4, backend)
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    model = _TinyFA(4, backend).to(dev)
+    x = torch.randn(2, 4, 6, 6, device=dev, requires_grad=True)
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
@@ -204,52 +212,62 @@ def test_torch_compile_fullgraph(backend):
 
 
 # ---- bad input: an error that names the argument, never a crash ---------------------------
-def _bad_gate_cases():
-    x = torch.randn(2, 3, 4, 4)
-    u, k = torch.randn_like(x), torch.rand(2)
+def _other_device(dev: str) -> str:
+    """A device the inputs of a ``dev`` call must not be on ("meta" stands in for a second device on CPU)."""
+    return "meta" if dev == "cpu" else "cpu"
+
+
+def _bad_gate_cases(dev: str):
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    u, k = torch.randn_like(x), torch.rand(2, device=dev)
+    other = _other_device(dev)
     return {
         "x 3-D": ((x[0], u[0], k), "'x'"),
         "x integer": ((x.long(), u.long(), k), "'x'"),
         "u shape": ((x, u[:, :2], k), "'u'"),
         "u dtype": ((x, u.double(), k), "'u'"),
-        "u device": ((x, u.to("meta"), k), "'u'"),
-        "k shape": ((x, u, torch.rand(3)), "'k'"),
-        "k 2-D": ((x, u, torch.rand(2, 1)), "'k'"),
-        "k integer": ((x, u, torch.ones(2, dtype=torch.int64)), "'k'"),
+        "u device": ((x, u.to(other), k), "'u'"),
+        "k shape": ((x, u, torch.rand(3, device=dev)), "'k'"),
+        "k 2-D": ((x, u, torch.rand(2, 1, device=dev)), "'k'"),
+        "k integer": ((x, u, torch.ones(2, dtype=torch.int64, device=dev)), "'k'"),
+        "k device": ((x, u, k.to(other)), "'k'"),
         "H*W = 0": ((x[:, :, :0], u[:, :, :0], k), "'x'"),
     }
 
 
-def _bad_focus_cases():
-    x = torch.randn(2, 8, 4, 4)
-    w1, b1, w2, b2 = make_focus_weights(8)
+def _bad_focus_cases(dev: str):
+    x = torch.randn(2, 8, 4, 4, device=dev)
+    w1, b1, w2, b2 = make_focus_weights(8, device=dev)
     return {
         "x 2-D": ((x[:, :, 0, 0], w1, b1, w2, b2), "'x'"),
         "x integer": ((x.int(), w1, b1, w2, b2), "'x'"),
         "w1 C": ((x, w1[:, :7], b1, w2, b2), "'w1'"),
         "b1 shape": ((x, w1, b1[:1], w2, b2), "'b1'"),
         "w2 shape": ((x, w1, b1, w2.t(), b2), "'w2'"),
-        "b2 shape": ((x, w1, b1, w2, torch.zeros(2)), "'b2'"),
+        "b2 shape": ((x, w1, b1, w2, torch.zeros(2, device=dev)), "'b2'"),
         "b1 dtype": ((x, w1, b1.double(), w2, b2), "'b1'"),
+        "w1 device": ((x, w1.to(_other_device(dev)), b1, w2, b2), "'w1'"),
     }
 
 
 BAD_ERRORS = (ValueError, TypeError, RuntimeError)
 
 
-@pytest.mark.parametrize("case", list(_bad_gate_cases()))
+@pytest.mark.parametrize("case", list(_bad_gate_cases("cpu")))
 @pytest.mark.parametrize("op", ["gate", "gate_pool"])
-def test_bad_gate_input_names_argument(backend, op, case):
-    args, name = _bad_gate_cases()[case]
+def test_bad_gate_input_names_argument(target, op, case):
+    backend, dev = target
+    args, name = _bad_gate_cases(dev)[case]
     with pytest.raises(BAD_ERRORS, match=name):
         getattr(ops, op)(*args, backend=backend)
     with pytest.raises(BAD_ERRORS, match=name):  # the raw op, bypassing the Python checks
         getattr(native_ops(backend), op)(*args)
 
 
-@pytest.mark.parametrize("case", list(_bad_focus_cases()))
-def test_bad_focus_input_names_argument(backend, case):
-    args, name = _bad_focus_cases()[case]
+@pytest.mark.parametrize("case", list(_bad_focus_cases("cpu")))
+def test_bad_focus_input_names_argument(target, case):
+    backend, dev = target
+    args, name = _bad_focus_cases(dev)[case]
     with pytest.raises(BAD_ERRORS, match=name):
         ops.focus(*args, backend=backend)
     with pytest.raises(BAD_ERRORS, match=name):
