@@ -86,7 +86,7 @@ def _extensions():
     with_cuda = _want_cuda(torch)
     isa = _cpu_isa()
     sources = ["csrc/fanet.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-DFANET_PYTHON_MODULE", "-Wall", "-Wno-unused-function"] + CPU_ISA_FLAGS[isa]
+    cxx = ["-O3", "-std=c++20", "-DFANET_PYTHON_MODULE", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"] + CPU_ISA_FLAGS[isa]
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
     if with_cuda:

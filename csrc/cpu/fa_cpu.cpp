@@ -28,8 +28,11 @@ namespace {
 using at::Tensor;
 namespace vec = at::vec;
 
-// Moves 2 * Vectorized<acc_t>::size() elements of scalar_t as two accumulator vectors,
-// so float16/bfloat16 are widened to float32 on load and rounded once on store.
+// Moves kStep = 2 * Vectorized<acc_t>::size() elements of scalar_t as two accumulator
+// vectors, so float16/bfloat16 are widened to float32 on load and rounded once on store.
+// With a count n < kStep the access is masked: lanes past n load as zero and are not
+// stored.  That replaces scalar tail loops, which matter when a whole row is shorter than
+// kStep (channels_last with C = 16, ResNet-56's first stage) or H*W is odd (7x7 planes).
 template <typename scalar_t>
 struct Lanes {
   using acc_t = at::opmath_type<scalar_t>;
@@ -39,20 +42,39 @@ struct Lanes {
   static_assert(!kReduced || vec::Vectorized<scalar_t>::size() == kStep,
                 "reduced-precision vectors must hold two float vectors");
 
-  static inline void load(const scalar_t* p, AVec& a, AVec& b) {
+  static inline void load(const scalar_t* p, AVec& a, AVec& b, int64_t n = kStep) {
     if constexpr (kReduced) {
-      std::tie(a, b) = vec::convert_to_float<scalar_t>(vec::Vectorized<scalar_t>::loadu(p));
+      using SVec = vec::Vectorized<scalar_t>;
+      std::tie(a, b) = vec::convert_to_float<scalar_t>(n == kStep ? SVec::loadu(p) : SVec::loadu(p, n));
     } else {
-      a = AVec::loadu(p);
-      b = AVec::loadu(p + AVec::size());
+      load_acc(p, a, b, n);
     }
   }
-  static inline void store(scalar_t* p, const AVec& a, const AVec& b) {
+  static inline void store(scalar_t* p, const AVec& a, const AVec& b, int64_t n = kStep) {
     if constexpr (kReduced) {
-      vec::convert_from_float<scalar_t>(a, b).store(p);
-    } else {
+      const auto v = vec::convert_from_float<scalar_t>(a, b);
+      n == kStep ? v.store(p) : v.store(p, n);
+    } else if (n == kStep) {
       a.store(p);
       b.store(p + AVec::size());
+    } else if (n <= AVec::size()) {  // never an all-masked access: it can cost a microcode assist
+      a.store(p, n);
+    } else {
+      a.store(p);
+      b.store(p + AVec::size(), n - AVec::size());
+    }
+  }
+  // Accumulator-typed memory (pooled gradients), masked like load.
+  static inline void load_acc(const acc_t* p, AVec& a, AVec& b, int64_t n = kStep) {
+    if (n == kStep) {
+      a = AVec::loadu(p);
+      b = AVec::loadu(p + AVec::size());
+    } else if (n <= AVec::size()) {
+      a = AVec::loadu(p, n);
+      b = AVec(acc_t(0));
+    } else {
+      a = AVec::loadu(p);
+      b = AVec::loadu(p + AVec::size(), n - AVec::size());
     }
   }
   static inline acc_t sum(const AVec& a, const AVec& b) {
@@ -60,7 +82,8 @@ struct Lanes {
   }
 };
 
-// Channel block of one channels_last work unit: its running sums stay in L1.
+// Channel block of one channels_last work unit: its running sums stay in L1.  A multiple
+// of every kStep, so masked steps stay inside the block's sums.
 constexpr int64_t kChannelBlock = 256;
 
 // About this many elements per parallel task keeps threads busy without overhead.
@@ -73,6 +96,22 @@ inline int64_t grain_for(int64_t unit_elems) {
 // kPool only reads x and writes its channel means (focus).
 enum class Fwd { kGate, kGatePool, kPool };
 
+// n <= kStep elements at offset `at`: v0/v1 receive what the pool sums (out, or x for
+// kPool); masked lanes are zero (x = u = 0 gives out = 0), so they add nothing.
+template <Fwd kMode, typename scalar_t, typename AVec = typename Lanes<scalar_t>::AVec>
+inline void forward_step(const scalar_t* x, const scalar_t* u, scalar_t* out, int64_t at, int64_t n, AVec k,
+                         AVec& v0, AVec& v1) {
+  using L = Lanes<scalar_t>;
+  L::load(x + at, v0, v1, n);
+  if constexpr (kMode != Fwd::kPool) {
+    AVec u0, u1;
+    L::load(u + at, u0, u1, n);
+    v0 = math::gate(v0, u0, k);
+    v1 = math::gate(v1, u1, k);
+    L::store(out + at, v0, v1, n);
+  }
+}
+
 template <typename scalar_t, Fwd kMode>
 void forward_nchw(const scalar_t* x, const scalar_t* u, const at::opmath_type<scalar_t>* k,
                   scalar_t* out, at::opmath_type<scalar_t>* pooled, int64_t N, int64_t C, int64_t HW) {
@@ -81,41 +120,18 @@ void forward_nchw(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
   using AVec = typename L::AVec;
   const acc_t inv_hw = acc_t(1) / acc_t(HW);
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t base = p * HW;
-      const acc_t kn = kMode == Fwd::kPool ? acc_t(0) : k[p / C];
-      const AVec kv(kn);
+    for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c)
+      const AVec kv(kMode == Fwd::kPool ? acc_t(0) : k[p / C]);
       AVec s0(acc_t(0)), s1(acc_t(0));
-      int64_t i = 0;
-      for (; i + L::kStep <= HW; i += L::kStep) {
-        AVec x0, x1;
-        L::load(x + base + i, x0, x1);
-        if constexpr (kMode == Fwd::kPool) {
-          s0 = s0 + x0;
-          s1 = s1 + x1;
-        } else {
-          AVec u0, u1;
-          L::load(u + base + i, u0, u1);
-          const AVec o0 = math::gate(x0, u0, kv), o1 = math::gate(x1, u1, kv);
-          L::store(out + base + i, o0, o1);
-          if constexpr (kMode == Fwd::kGatePool) {
-            s0 = s0 + o0;
-            s1 = s1 + o1;
-          }
+      for (int64_t i = 0; i < HW; i += L::kStep) {
+        AVec v0, v1;
+        forward_step<kMode>(x, u, out, p * HW + i, std::min(L::kStep, HW - i), kv, v0, v1);
+        if constexpr (kMode != Fwd::kGate) {
+          s0 = s0 + v0;
+          s1 = s1 + v1;
         }
       }
-      acc_t s = kMode == Fwd::kGate ? acc_t(0) : L::sum(s0, s1);
-      for (; i < HW; ++i) {
-        const acc_t xv = acc_t(x[base + i]);
-        if constexpr (kMode == Fwd::kPool) {
-          s += xv;
-        } else {
-          const acc_t o = math::gate(xv, acc_t(u[base + i]), kn);
-          out[base + i] = scalar_t(o);
-          s += o;
-        }
-      }
-      if constexpr (kMode != Fwd::kGate) pooled[p] = s * inv_hw;
+      if constexpr (kMode != Fwd::kGate) pooled[p] = L::sum(s0, s1) * inv_hw;
     }
   });
 }
@@ -129,40 +145,22 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
   const acc_t inv_hw = acc_t(1) / acc_t(HW);
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
-    acc_t sums[kChannelBlock];
-    for (int64_t unit = begin; unit < end; ++unit) {
+    alignas(64) acc_t sums[kChannelBlock];
+    for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
       const int64_t n = unit / blocks;
       const int64_t c0 = (unit % blocks) * kChannelBlock;
       const int64_t cb = std::min(kChannelBlock, C - c0);
-      const acc_t kn = kMode == Fwd::kPool ? acc_t(0) : k[n];
-      const AVec kv(kn);
-      std::fill(sums, sums + cb, acc_t(0));
+      const AVec kv(kMode == Fwd::kPool ? acc_t(0) : k[n]);
+      std::fill(sums, sums + kChannelBlock, acc_t(0));
       for (int64_t hw = 0; hw < HW; ++hw) {
         const int64_t base = (n * HW + hw) * C + c0;
-        int64_t j = 0;
-        for (; j + L::kStep <= cb; j += L::kStep) {
-          AVec x0, x1;
-          L::load(x + base + j, x0, x1);
-          AVec v0 = x0, v1 = x1;
-          if constexpr (kMode != Fwd::kPool) {
-            AVec u0, u1;
-            L::load(u + base + j, u0, u1);
-            v0 = math::gate(x0, u0, kv);
-            v1 = math::gate(x1, u1, kv);
-            L::store(out + base + j, v0, v1);
-          }
+        for (int64_t j = 0; j < cb; j += L::kStep) {
+          AVec v0, v1;
+          forward_step<kMode>(x, u, out, base + j, std::min(L::kStep, cb - j), kv, v0, v1);
           if constexpr (kMode != Fwd::kGate) {
             (AVec::loadu(sums + j) + v0).store(sums + j);
             (AVec::loadu(sums + j + AVec::size()) + v1).store(sums + j + AVec::size());
           }
-        }
-        for (; j < cb; ++j) {
-          acc_t v = acc_t(x[base + j]);
-          if constexpr (kMode != Fwd::kPool) {
-            v = math::gate(v, acc_t(u[base + j]), kn);
-            out[base + j] = scalar_t(v);
-          }
-          sums[j] += v;
         }
       }
       if constexpr (kMode != Fwd::kGate) {
@@ -177,41 +175,24 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
 // kFold, writes grad_x and grad_u, and leaves one partial sum of g * (u - x) per work
 // unit in `partial`; the caller reduces those per sample in a fixed order.
 
-// One element (T = acc_t) or one SIMD vector (T = Vectorized) of that sweep: writes grad_x
-// and grad_u to gx, gu and returns the element's term of grad_k.
-template <bool kFold, typename T>
-inline T backward_element(T g, T x, T u, T k, T gp, T inv_hw, T& gx, T& gu) {
-  if constexpr (kFold) g = math::fold_pooled_grad(g, gp, inv_hw);
-  gx = math::gate_grad_x(g, k);
-  gu = math::gate_grad_u(g, k);
-  return math::gate_grad_k_term(g, x, u);
-}
-
-// Lanes::kStep elements at offset `at` of the backward sweep; gp0/gp1 are the pooled
-// gradients of those lanes, s0/s1 the running grad_k sums.
+// n <= kStep elements at offset `at`; gp0/gp1 are the pooled gradients of those lanes, s0/s1
+// the running grad_k sums.  Masked lanes have u - x = 0, so they add nothing to grad_k.
 template <bool kFold, typename scalar_t, typename AVec = typename Lanes<scalar_t>::AVec>
 inline void backward_step(const scalar_t* g, const scalar_t* x, const scalar_t* u, scalar_t* gx, scalar_t* gu,
-                          int64_t at, AVec k, AVec gp0, AVec gp1, AVec inv_hw, AVec& s0, AVec& s1) {
+                          int64_t at, int64_t n, AVec k, AVec gp0, AVec gp1, AVec inv_hw, AVec& s0, AVec& s1) {
   using L = Lanes<scalar_t>;
-  AVec g0, g1, x0, x1, u0, u1, gx0, gx1, gu0, gu1;
-  L::load(g + at, g0, g1);
-  L::load(x + at, x0, x1);
-  L::load(u + at, u0, u1);
-  s0 = s0 + backward_element<kFold>(g0, x0, u0, k, gp0, inv_hw, gx0, gu0);
-  s1 = s1 + backward_element<kFold>(g1, x1, u1, k, gp1, inv_hw, gx1, gu1);
-  L::store(gx + at, gx0, gx1);
-  L::store(gu + at, gu0, gu1);
-}
-
-// The scalar tail of a sweep: one element at offset `at`.
-template <bool kFold, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline acc_t backward_tail(const scalar_t* g, const scalar_t* x, const scalar_t* u, scalar_t* gx, scalar_t* gu,
-                           int64_t at, acc_t k, acc_t gp, acc_t inv_hw) {
-  acc_t gxv, guv;
-  const acc_t term = backward_element<kFold>(acc_t(g[at]), acc_t(x[at]), acc_t(u[at]), k, gp, inv_hw, gxv, guv);
-  gx[at] = scalar_t(gxv);
-  gu[at] = scalar_t(guv);
-  return term;
+  AVec g0, g1, x0, x1, u0, u1;
+  L::load(g + at, g0, g1, n);
+  L::load(x + at, x0, x1, n);
+  L::load(u + at, u0, u1, n);
+  if constexpr (kFold) {
+    g0 = math::fold_pooled_grad(g0, gp0, inv_hw);
+    g1 = math::fold_pooled_grad(g1, gp1, inv_hw);
+  }
+  L::store(gx + at, math::gate_grad_x(g0, k), math::gate_grad_x(g1, k), n);
+  L::store(gu + at, math::gate_grad_u(g0, k), math::gate_grad_u(g1, k), n);
+  s0 = s0 + math::gate_grad_k_term(g0, x0, u0);
+  s1 = s1 + math::gate_grad_k_term(g1, x1, u1);
 }
 
 template <typename scalar_t, bool kFold>
@@ -221,19 +202,14 @@ void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
-  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  const AVec ihv(acc_t(1) / acc_t(HW));
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c): one k, one pooled gradient
-      const int64_t base = p * HW;
-      const acc_t kn = k[p / C], gpn = kFold ? gp[p] : acc_t(0);
-      const AVec kv(kn), gpv(gpn), ihv(inv_hw);
+      const AVec kv(k[p / C]), gpv(kFold ? gp[p] : acc_t(0));
       AVec s0(acc_t(0)), s1(acc_t(0));
-      int64_t i = 0;
-      for (; i + L::kStep <= HW; i += L::kStep)
-        backward_step<kFold>(g, x, u, gx, gu, base + i, kv, gpv, gpv, ihv, s0, s1);
-      acc_t s = L::sum(s0, s1);
-      for (; i < HW; ++i) s += backward_tail<kFold>(g, x, u, gx, gu, base + i, kn, gpn, inv_hw);
-      partial[p] = s;
+      for (int64_t i = 0; i < HW; i += L::kStep)
+        backward_step<kFold>(g, x, u, gx, gu, p * HW + i, std::min(L::kStep, HW - i), kv, gpv, gpv, ihv, s0, s1);
+      partial[p] = L::sum(s0, s1);
     }
   });
 }
@@ -245,30 +221,26 @@ void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
-  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  const AVec ihv(acc_t(1) / acc_t(HW)), zero(acc_t(0));
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
       const int64_t n = unit / blocks;
       const int64_t c0 = (unit % blocks) * kChannelBlock;
       const int64_t cb = std::min(kChannelBlock, C - c0);
-      const acc_t kn = k[n];
-      const AVec kv(kn), ihv(inv_hw), zero(acc_t(0));
+      const AVec kv(k[n]);
       const acc_t* gpn = kFold ? gp + n * C + c0 : nullptr;  // one pooled gradient per channel
       AVec s0(acc_t(0)), s1(acc_t(0));
-      acc_t s = acc_t(0);
       for (int64_t hw = 0; hw < HW; ++hw) {
         const int64_t base = (n * HW + hw) * C + c0;
-        int64_t j = 0;
-        for (; j + L::kStep <= cb; j += L::kStep) {
-          const AVec gp0 = kFold ? AVec::loadu(gpn + j) : zero;
-          const AVec gp1 = kFold ? AVec::loadu(gpn + j + AVec::size()) : zero;
-          backward_step<kFold>(g, x, u, gx, gu, base + j, kv, gp0, gp1, ihv, s0, s1);
+        for (int64_t j = 0; j < cb; j += L::kStep) {
+          const int64_t cnt = std::min(L::kStep, cb - j);
+          AVec gp0 = zero, gp1 = zero;
+          if constexpr (kFold) L::load_acc(gpn + j, gp0, gp1, cnt);
+          backward_step<kFold>(g, x, u, gx, gu, base + j, cnt, kv, gp0, gp1, ihv, s0, s1);
         }
-        for (; j < cb; ++j)
-          s += backward_tail<kFold>(g, x, u, gx, gu, base + j, kn, kFold ? gpn[j] : acc_t(0), inv_hw);
       }
-      partial[unit] = s + L::sum(s0, s1);
+      partial[unit] = L::sum(s0, s1);
     }
   });
 }
