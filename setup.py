@@ -86,7 +86,11 @@ def _extensions():
     with_cuda = _want_cuda(torch)
     isa = _cpu_isa()
     sources = ["csrc/fanet.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-DFANET_PYTHON_MODULE", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"] + CPU_ISA_FLAGS[isa]
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` (torch's OpenMP backend);
+    # without it every CPU kernel runs on one thread.  torch ships libgomp.so.1, which the
+    # extension then shares.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DFANET_PYTHON_MODULE", "-Wall", "-Wno-unused-function",
+           "-Wno-unknown-pragmas"] + CPU_ISA_FLAGS[isa]
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
@@ -103,7 +107,7 @@ def _extensions():
     print(f"fanet_kernels: building _C for CPU ({isa})"
           + (f" and CUDA (arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else " only"),
           file=sys.stderr)
-    return [ext_cls("fanet_kernels._C", sources, extra_compile_args=extra,
+    return [ext_cls("fanet_kernels._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
                     include_dirs=[os.path.join(ROOT, "csrc")])], cpp_extension.BuildExtension
 
 
