@@ -1,0 +1,184 @@
+"""Network-level benchmark: one training step (forward + backward + SGD step) of ResNet-56
+against FA-ResNet-56 and FA-SE-ResNet-56 on CIFAR shapes (issue 7).
+
+One group per (batch, device); rows, in run order: ``resnet56`` eager and compiled,
+``se_resnet56`` eager (context for FA-SE), then for
+each FA network the fused backend(s) of the device, the ``reference`` backend (eager FA) and
+``compiled`` (torch.compile of the model on the reference backend, compiled and warmed up
+before timing).  Each row's extra_info has the model's parameters and multiply-adds and its
+time overhead over ResNet-56 in the same mode (eager for fused/reference, compiled for
+compiled), beside the parameter and multiply-add overheads; eager FA rows also get
+``paired_time_vs_resnet56``: the two steps timed alternately, so a load change between rows
+(shared machine) does not enter the ratio.
+"""
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fanet_kernels as fk
+
+from _common import devices, fused_backends, is_quick, median_seconds, sync
+
+try:
+    zoo = importlib.import_module("fanet_kernels.zoo")
+    ZOO_ERROR = ""
+except Exception as exc:  # the zoo lands in its own issue; skip, saying why
+    zoo = None
+    ZOO_ERROR = f"fanet_kernels.zoo is not importable ({type(exc).__name__}: {exc})"
+
+BASE = "resnet56"
+SE_BASE = "se_resnet56"  # for context: FA-SE-ResNet-56's overhead over plain SE
+FA_MODELS = ("fa_resnet56", "fa_se_resnet56")
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class NetCase:
+    model: str
+    impl: str  # eager | compiled (resnet56); <fused backend> | reference | compiled (FA models)
+    batch: int
+    device: str
+
+    @property
+    def group(self) -> str:
+        return f"train_step cifar10 b{self.batch} 3x32x32 float32 {self.device}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.impl}-b{self.batch}-{self.device}"
+
+
+def net_cases(config: pytest.Config) -> list[NetCase]:
+    """Quick mode: batch 32 and no compiled rows (compiling a whole training step takes
+    minutes on a 2-core CPU)."""
+    quick = is_quick(config)
+    batch = 32 if quick else 128
+    compiled = () if quick else ("compiled",)
+    out = []
+    for device in devices(config):
+        out += [NetCase(BASE, impl, batch, device) for impl in ("eager", *compiled)]
+        out.append(NetCase(SE_BASE, "eager", batch, device))
+        for model in FA_MODELS:
+            out += [NetCase(model, impl, batch, device) for impl in (*fused_backends(device), "reference", *compiled)]
+    return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "net_case" in metafunc.fixturenames:
+        all_cases = net_cases(metafunc.config)
+        metafunc.parametrize("net_case", all_cases, ids=[c.id for c in all_cases])
+
+
+def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of one forward: fanet_kernels.complexity if it offers a counter, else
+    torch's FlopCounterMode (matmul/conv FLOPs / 2) on the reference backend, where the FA
+    MLPs are plain Linear calls it can see."""
+    complexity = None
+    try:
+        complexity = importlib.import_module("fanet_kernels.complexity")
+    except ImportError:
+        pass
+    for name in ("count_macs", "macs", "multiply_adds"):
+        fn = getattr(complexity, name, None)
+        if callable(fn):
+            try:
+                return int(fn(model, tuple(x.shape[1:])))
+            except Exception:
+                break
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), fk.use_backend("reference"), FlopCounterMode(display=False) as counter:
+        model.eval()(x[:1])
+    model.train()
+    return counter.get_total_flops() // 2
+
+
+# Per model: (parameters, multiply-adds per image), and the step medians of the run.
+_complexity: dict[str, tuple[int, int]] = {}
+_medians: dict[tuple[str, str], float] = {}
+
+
+def build(case: NetCase):
+    torch.manual_seed(0)
+    model = zoo.create_model(case.model, num_classes=NUM_CLASSES).to(case.device)
+    if case.model not in _complexity:
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _complexity[case.model] = (params, count_macs(model, torch.randn(1, 3, 32, 32, device=case.device)))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    backend = "reference" if case.impl in ("eager", "compiled") else case.impl
+    if case.impl == "compiled":
+        torch._dynamo.reset()
+        forward = torch.compile(model)
+    else:
+        forward = model
+    x = torch.randn(case.batch, 3, 32, 32, device=case.device)
+    y = torch.randint(0, NUM_CLASSES, (case.batch,), device=case.device)
+
+    def step() -> None:
+        with fk.use_backend(backend):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+        sync(case.device)
+
+    return step
+
+
+_base_steps: dict[tuple[int, str], object] = {}
+
+
+def paired_ratio(step, case: NetCase, rounds: int) -> float:
+    """This row's step time / the eager ResNet-56 step time, timed alternately in the same
+    minute (median of each): robust to load that changes between rows on a shared machine."""
+    key = (case.batch, case.device)
+    if key not in _base_steps:
+        _base_steps[key] = build(NetCase(BASE, "eager", case.batch, case.device))
+        _base_steps[key]()
+    base = _base_steps[key]
+    ours, theirs = [], []
+    for _ in range(rounds):
+        for fn, out in ((step, ours), (base, theirs)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(ours) / statistics.median(theirs)
+
+
+@pytest.mark.skipif(zoo is None, reason=ZOO_ERROR or "zoo missing")
+def test_train_step(benchmark, net_case: NetCase, request: pytest.FixtureRequest) -> None:
+    case = net_case
+    benchmark.group = case.group
+    step = build(case)
+    # Warm-up outside the timed region: compilation (forward and backward graphs), allocator.
+    for _ in range(2):
+        step()
+    quick = is_quick(request.config)
+    benchmark.pedantic(step, rounds=3 if quick else 5, warmup_rounds=0, iterations=1)
+
+    params, macs = _complexity[case.model]
+    base_params, base_macs = _complexity.get(BASE, (params, macs))
+    info = benchmark.extra_info
+    info.update(model=case.model, impl=case.impl, batch=case.batch, device=case.device, params=params,
+                macs_per_image=macs, params_overhead=round(params / base_params - 1, 5),
+                macs_overhead=round(macs / base_macs - 1, 5))
+    t: Optional[float] = median_seconds(benchmark)
+    if t is None:
+        return
+    _medians[(case.model, case.impl)] = t
+    if case.model != BASE and case.impl != "compiled":
+        info["paired_time_vs_resnet56"] = round(paired_ratio(step, case, rounds=3 if quick else 5), 4)
+    base_impl = "compiled" if case.impl == "compiled" else "eager"
+    if (BASE, base_impl) in _medians:
+        info["time_vs_resnet56"] = round(t / _medians[(BASE, base_impl)], 4)
+        info["time_vs_resnet56_mode"] = base_impl
+    if case.model.startswith("fa_se_") and case.impl != "compiled" and (SE_BASE, "eager") in _medians:
+        info["time_vs_se_resnet56"] = round(t / _medians[(SE_BASE, "eager")], 4)
