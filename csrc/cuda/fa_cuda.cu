@@ -594,17 +594,6 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
   return {gx, gu, gk.to(k.scalar_type())};
 }
 
-std::tuple<Tensor, Tensor, Tensor> gate_backward(const Tensor& grad_out, const Tensor& x, const Tensor& u,
-                                                 const Tensor& k) {
-  return gate_backward_impl(prepare_gate_backward(grad_out, std::nullopt, x, u, k), k);
-}
-
-std::tuple<Tensor, Tensor, Tensor> gate_pool_backward(const std::optional<Tensor>& grad_out,
-                                                      const std::optional<Tensor>& grad_pooled,
-                                                      const Tensor& x, const Tensor& u, const Tensor& k) {
-  return gate_backward_impl(prepare_gate_backward(grad_out, grad_pooled, x, u, k), k);
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& grad_k, const Tensor& x,
                                                                   const Tensor& w1, const Tensor& b1,
                                                                   const Tensor& w2, const Tensor& b2) {
@@ -650,8 +639,8 @@ TORCH_LIBRARY_IMPL(fanet, CUDA, m) {
   m.impl("gate", &gate);
   m.impl("gate_pool", &gate_pool);
   m.impl("focus", &focus);
-  m.impl("gate_backward", &gate_backward);
-  m.impl("gate_pool_backward", &gate_pool_backward);
+  m.impl("gate_backward", &gate_backward_op<&gate_backward_impl>);
+  m.impl("gate_pool_backward", &gate_pool_backward_op<&gate_backward_impl>);
   m.impl("focus_backward", &focus_backward);
 }
 
