@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import FAStages
-from ._common import conv_bn, init_weights, maybe_se
+from ._common import StagedNet, conv_bn, maybe_se
 
 DEPTHS = (20, 32, 44, 56, 110)
 
@@ -39,28 +38,18 @@ class BasicBlock(nn.Module):
         return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
-class CifarResNet(nn.Module):
-    """``fa=True``: every stage an FA chain plus the stage level (paper Fig. 4)."""
+class CifarResNet(StagedNet):
+    """Stages of n basic blocks with 16/32/64 channels; ``fa=True``: FA on blocks and stages."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10, se_reduction: Optional[int] = None, fa: bool = False,
                  tiny_imagenet: bool = False, r1: int = 4, r2: int = 4, backend: Optional[str] = None):
-        super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"argument 'depth' must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        # paper §IV.B: Tiny ImageNet (64x64) uses a stride-2 first conv
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2 if tiny_imagenet else 1, 1, bias=False),
-                                  nn.BatchNorm2d(16), nn.ReLU(inplace=True))
         stages, cin = [], 16
         for s, width in enumerate((16, 32, 64)):
-            blocks = [BasicBlock(cin if b == 0 else width, width, 2 if (s > 0 and b == 0) else 1, se_reduction)
-                      for b in range(n)]
-            stages.append(nn.Sequential(*blocks))
+            stages.append(nn.Sequential(*[
+                BasicBlock(cin if b == 0 else width, width, 2 if (s > 0 and b == 0) else 1, se_reduction)
+                for b in range(n)]))
             cin = width
-        self.layers = FAStages(stages, r1=r1, r2=r2, backend=backend) if fa else nn.Sequential(*stages)
-        self.fc = nn.Linear(64, num_classes)
-        init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        super().__init__(16, stages, 64, num_classes, fa, tiny_imagenet, r1, r2, backend)

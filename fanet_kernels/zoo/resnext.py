@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import FAStages
-from ._common import conv_bn, init_weights, maybe_se
+from ._common import StagedNet, conv_bn, maybe_se
 
 
 class ResNeXtBlock(nn.Module):
@@ -36,19 +35,16 @@ class ResNeXtBlock(nn.Module):
         return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
-class CifarResNeXt(nn.Module):
+class CifarResNeXt(StagedNet):
     """ResNeXt-(9n+2): stem 3x3 conv to 64, three stages of n blocks with outputs 256/512/1024 and
     grouped width cardinality * base_width * 2^s."""
 
     def __init__(self, depth: int = 29, cardinality: int = 8, base_width: int = 16, num_classes: int = 10,
                  se_reduction: Optional[int] = None, fa: bool = False, tiny_imagenet: bool = False,
                  r1: int = 4, r2: int = 4, backend: Optional[str] = None):
-        super().__init__()
         if (depth - 2) % 9:
             raise ValueError(f"argument 'depth' must be 9n+2, got {depth}")
         n = (depth - 2) // 9
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 2 if tiny_imagenet else 1, 1, bias=False),
-                                  nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         stages, cin = [], 64
         for s, cout in enumerate((256, 512, 1024)):
             width = cardinality * base_width * 2 ** s
@@ -56,10 +52,4 @@ class CifarResNeXt(nn.Module):
                 ResNeXtBlock(cin if b == 0 else cout, cout, 2 if (s > 0 and b == 0) else 1, cardinality, width,
                              se_reduction) for b in range(n)]))
             cin = cout
-        self.layers = FAStages(stages, r1=r1, r2=r2, backend=backend) if fa else nn.Sequential(*stages)
-        self.fc = nn.Linear(1024, num_classes)
-        init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        super().__init__(64, stages, 1024, num_classes, fa, tiny_imagenet, r1, r2, backend)
