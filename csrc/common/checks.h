@@ -156,26 +156,6 @@ inline GateBackwardInputs prepare_gate_backward(const std::optional<at::Tensor>&
   return {std::move(in), std::move(g), std::move(gp)};
 }
 
-// The two gate backward ops of a device backend, from its one kernel driver
-// Impl(GateBackwardInputs, k) -> (grad_x, grad_u, grad_k).  Register as
-// m.impl("gate_backward", &gate_backward_op<&impl>) and likewise gate_pool_backward_op.
-using GateBackwardImpl = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const GateBackwardInputs&,
-                                                                           const at::Tensor&);
-
-template <GateBackwardImpl Impl>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_op(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                const at::Tensor& u, const at::Tensor& k) {
-  return Impl(prepare_gate_backward(grad_out, std::nullopt, x, u, k), k);
-}
-
-template <GateBackwardImpl Impl>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_pool_backward_op(const std::optional<at::Tensor>& grad_out,
-                                                                     const std::optional<at::Tensor>& grad_pooled,
-                                                                     const at::Tensor& x, const at::Tensor& u,
-                                                                     const at::Tensor& k) {
-  return Impl(prepare_gate_backward(grad_out, grad_pooled, x, u, k), k);
-}
-
 inline void check_focus_grad(const at::Tensor& grad_k, const at::Tensor& x) {
   TORCH_CHECK_VALUE(grad_k.dim() == 1 && grad_k.size(0) == x.size(0), "fanet: argument 'grad_k' must have shape (",
                     x.size(0), ",), got ", shape_str(grad_k));

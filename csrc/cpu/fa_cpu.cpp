@@ -20,6 +20,7 @@
 
 #include "../common/checks.h"
 #include "../common/fa_math.h"
+#include "../common/op_drivers.h"
 
 namespace fanet {
 namespace cpu {
@@ -307,24 +308,29 @@ Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) {
   return pooled;
 }
 
-Tensor focus(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
-  const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
-  const auto fmt = kernel_memory_format(x);
-  const Tensor l = pool_acc(in_format(x, fmt), fmt);
-  const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0);
-  Tensor k = at::empty({N}, l.options());
-  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "fanet_focus_cpu", [&] {
+// The focus MLP per sample on channel means l (Device::mlp of op_drivers.h): forward when
+// grad_k is undefined, else backward (which recomputes the forward's hidden units first).
+void focus_mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden, const Tensor& k, const Tensor& grad_k,
+               const Tensor& grad_z, const Tensor& grad_h, const Tensor& grad_l) {
+  const int64_t N = l.size(0), C = l.size(1), H1 = w.w1.size(0);
+  const bool backward = grad_k.defined();
+  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "fanet_focus_mlp_cpu", [&] {
     const scalar_t *lp = l.const_data_ptr<scalar_t>(), *w1p = w.w1.const_data_ptr<scalar_t>(),
                    *b1p = w.b1.const_data_ptr<scalar_t>(), *w2p = w.w2.const_data_ptr<scalar_t>(),
                    *b2p = w.b2.const_data_ptr<scalar_t>();
-    scalar_t* kp = k.mutable_data_ptr<scalar_t>();
+    const auto out = [](const Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
+    scalar_t *hp = out(hidden), *kp = out(k), *gzp = out(grad_z), *ghp = out(grad_h), *glp = out(grad_l);
+    const scalar_t* gkp = backward ? grad_k.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      std::vector<scalar_t> hidden(H1);
-      for (int64_t n = b; n < e; ++n)
-        kp[n] = math::focus_mlp_forward(lp + n * C, C, w1p, b1p, H1, w2p, b2p, hidden.data());
+      for (int64_t n = b; n < e; ++n) {
+        const scalar_t kn = math::focus_mlp_forward(lp + n * C, C, w1p, b1p, H1, w2p, b2p, hp + n * H1);
+        if (backward)
+          gzp[n] = math::focus_mlp_backward(gkp[n], kn, C, w1p, H1, w2p, hp + n * H1, ghp + n * H1, glp + n * C);
+        else
+          kp[n] = kn;
+      }
     });
   });
-  return k.to(x.scalar_type());
 }
 
 // Shared by gate_backward and gate_pool_backward (b.gp undefined: no pooled gradient).
@@ -360,55 +366,30 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
   return {gx, gu, partial.sum(1).to(k.scalar_type())};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& grad_k, const Tensor& x,
-                                                                  const Tensor& w1, const Tensor& b1,
-                                                                  const Tensor& w2, const Tensor& b2) {
-  const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
-  const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0), HW = plane(x);
-  check_focus_grad(grad_k, x);
-  const auto fmt = kernel_memory_format(x);
-  const Tensor xf = in_format(x, fmt);
-  // The pool is recomputed (focus returns only k'), then MLP backward per sample.
-  const Tensor l = pool_acc(xf, fmt);
-  const auto opts = l.options();
-  const Tensor gk = grad_k.to(l.scalar_type()).contiguous();
-  Tensor hidden = at::empty({N, H1}, opts), grad_h = at::empty({N, H1}, opts);
-  Tensor grad_z = at::empty({N}, opts), grad_l = at::empty({N, C}, opts);
-  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "fanet_focus_backward_cpu", [&] {
-    const scalar_t *lp = l.const_data_ptr<scalar_t>(), *w1p = w.w1.const_data_ptr<scalar_t>(),
-                   *b1p = w.b1.const_data_ptr<scalar_t>(), *w2p = w.w2.const_data_ptr<scalar_t>(),
-                   *b2p = w.b2.const_data_ptr<scalar_t>(), *gkp = gk.const_data_ptr<scalar_t>();
-    scalar_t *hp = hidden.mutable_data_ptr<scalar_t>(), *ghp = grad_h.mutable_data_ptr<scalar_t>(),
-             *gzp = grad_z.mutable_data_ptr<scalar_t>(), *glp = grad_l.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        const scalar_t kn = math::focus_mlp_forward(lp + n * C, C, w1p, b1p, H1, w2p, b2p, hp + n * H1);
-        gzp[n] = math::focus_mlp_backward(gkp[n], kn, C, w1p, H1, w2p, hp + n * H1, ghp + n * H1,
-                                          glp + n * C);
-      }
-    });
-  });
-  Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_focus_grad_x_cpu", [&] {
-      broadcast_pool_grad<scalar_t>(grad_l.const_data_ptr<at::opmath_type<scalar_t>>(),
-                                    gx.mutable_data_ptr<scalar_t>(), N, C, HW,
-                                    fmt == at::MemoryFormat::ChannelsLast);
+// The kernels of this device, for the shared drivers of csrc/common/op_drivers.h.
+struct Device {
+  static int guard(const Tensor&) { return 0; }  // one device: nothing to guard
+  static Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) { return cpu::pool_acc(x, fmt); }
+  static void mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden, const Tensor& k,
+                  const Tensor& grad_k, const Tensor& grad_z, const Tensor& grad_h, const Tensor& grad_l) {
+    focus_mlp(l, w, hidden, k, grad_k, grad_z, grad_h, grad_l);
+  }
+  static void broadcast_pool_grad(const Tensor& grad_l, const Tensor& gx, at::MemoryFormat fmt) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fanet_focus_grad_x_cpu", [&] {
+      cpu::broadcast_pool_grad<scalar_t>(grad_l.const_data_ptr<at::opmath_type<scalar_t>>(),
+                                         gx.mutable_data_ptr<scalar_t>(), gx.size(0), gx.size(1), plane(gx),
+                                         fmt == at::MemoryFormat::ChannelsLast);
     });
   }
-  auto [gw1, gb1, gw2, gb2] = focus_weight_grads(l, hidden, grad_h, grad_z, w1.scalar_type());
-  return {gx, gw1, gb1, gw2, gb2};
-}
+  static std::tuple<Tensor, Tensor, Tensor> gate_backward(const GateBackwardInputs& b, const Tensor& k) {
+    return gate_backward_impl(b, k);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fanet, CPU, m) {
-  m.impl("gate", &gate);
-  m.impl("gate_pool", &gate_pool);
-  m.impl("focus", &focus);
-  m.impl("gate_backward", &gate_backward_op<&gate_backward_impl>);
-  m.impl("gate_pool_backward", &gate_pool_backward_op<&gate_backward_impl>);
-  m.impl("focus_backward", &focus_backward);
+  register_ops<Device>(m, &gate, &gate_pool);
 }
 
 }  // namespace cpu

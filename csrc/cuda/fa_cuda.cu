@@ -25,6 +25,7 @@
 
 #include "../common/checks.h"
 #include "../common/fa_math.h"
+#include "../common/op_drivers.h"
 
 namespace fanet {
 namespace cuda {
@@ -521,18 +522,6 @@ void run_focus_mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden,
   });
 }
 
-Tensor focus(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
-  const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
-  const at::cuda::CUDAGuard guard(x.device());
-  const auto fmt = kernel_memory_format(x);
-  const Tensor l = pool_acc(in_format(x, fmt), fmt);
-  const int64_t N = x.size(0), H1 = w1.size(0);
-  Tensor k = at::empty({N}, l.options());
-  Tensor hidden = at::empty({N, H1}, l.options());
-  run_focus_mlp<false>(l, w, hidden, k, Tensor(), Tensor(), Tensor(), Tensor());
-  return k.to(x.scalar_type());
-}
-
 // Shared by gate_backward and gate_pool_backward (b.gp undefined: no pooled gradient).
 std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& b, const Tensor& k) {
   const auto& in = b.in;
@@ -594,54 +583,49 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
   return {gx, gu, gk.to(k.scalar_type())};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> focus_backward(const Tensor& grad_k, const Tensor& x,
-                                                                  const Tensor& w1, const Tensor& b1,
-                                                                  const Tensor& w2, const Tensor& b2) {
-  const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
-  const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0), HW = plane(x);
-  check_focus_grad(grad_k, x);
-  const at::cuda::CUDAGuard guard(x.device());
-  const auto fmt = kernel_memory_format(x);
-  const Tensor xf = in_format(x, fmt);
-  // The pool is recomputed (focus returns only k'), then the MLP backward per sample.
-  const Tensor l = pool_acc(xf, fmt);
-  const auto opts = l.options();
-  const Tensor gk = grad_k.to(l.scalar_type()).contiguous();
-  Tensor hidden = at::empty({N, H1}, opts), grad_h = at::empty({N, H1}, opts);
-  Tensor grad_z = at::empty({N}, opts), grad_l = at::empty({N, C}, opts);
-  run_focus_mlp<true>(l, w, hidden, Tensor(), gk, grad_z, grad_h, grad_l);
-  Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  if (x.numel() > 0) {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_focus_grad_x_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-      const acc_t* glp = grad_l.const_data_ptr<acc_t>();
-      const int64_t total = x.numel();
-      with_pack_width<scalar_t>(aligned16(gxp) && total % pack_width<scalar_t>() == 0, [&](auto v) {
-        constexpr int kVec = decltype(v)::value;
-        const unsigned grid = stride_grid(total, kVec);
-        if (fmt == at::MemoryFormat::ChannelsLast)
-          broadcast_pool_grad_kernel<scalar_t, kVec, true><<<grid, kThreads, 0, stream>>>(glp, gxp, total, C, HW);
-        else
-          broadcast_pool_grad_kernel<scalar_t, kVec, false><<<grid, kThreads, 0, stream>>>(glp, gxp, total, C, HW);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+// gx[n, c, h, w] = grad_l[n, c] / HW in layout fmt (focus backward).
+void broadcast_pool_grad(const Tensor& grad_l, const Tensor& gx, at::MemoryFormat fmt) {
+  const int64_t C = gx.size(1), HW = plane(gx), total = gx.numel();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fanet_focus_grad_x_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    const acc_t* glp = grad_l.const_data_ptr<acc_t>();
+    with_pack_width<scalar_t>(aligned16(gxp) && total % pack_width<scalar_t>() == 0, [&](auto v) {
+      constexpr int kVec = decltype(v)::value;
+      const unsigned grid = stride_grid(total, kVec);
+      if (fmt == at::MemoryFormat::ChannelsLast)
+        broadcast_pool_grad_kernel<scalar_t, kVec, true><<<grid, kThreads, 0, stream>>>(glp, gxp, total, C, HW);
+      else
+        broadcast_pool_grad_kernel<scalar_t, kVec, false><<<grid, kThreads, 0, stream>>>(glp, gxp, total, C, HW);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
-  auto [gw1, gb1, gw2, gb2] = focus_weight_grads(l, hidden, grad_h, grad_z, w1.scalar_type());
-  return {gx, gw1, gb1, gw2, gb2};
+  });
 }
+
+// The kernels of this device, for the shared drivers of csrc/common/op_drivers.h.
+struct Device {
+  static at::cuda::CUDAGuard guard(const Tensor& x) { return at::cuda::CUDAGuard(x.device()); }
+  static Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) { return cuda::pool_acc(x, fmt); }
+  static void mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden, const Tensor& k,
+                  const Tensor& grad_k, const Tensor& grad_z, const Tensor& grad_h, const Tensor& grad_l) {
+    if (grad_k.defined())
+      run_focus_mlp<true>(l, w, hidden, k, grad_k, grad_z, grad_h, grad_l);
+    else
+      run_focus_mlp<false>(l, w, hidden, k, grad_k, grad_z, grad_h, grad_l);
+  }
+  static void broadcast_pool_grad(const Tensor& grad_l, const Tensor& gx, at::MemoryFormat fmt) {
+    cuda::broadcast_pool_grad(grad_l, gx, fmt);
+  }
+  static std::tuple<Tensor, Tensor, Tensor> gate_backward(const GateBackwardInputs& b, const Tensor& k) {
+    return gate_backward_impl(b, k);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fanet, CUDA, m) {
-  m.impl("gate", &gate);
-  m.impl("gate_pool", &gate_pool);
-  m.impl("focus", &focus);
-  m.impl("gate_backward", &gate_backward_op<&gate_backward_impl>);
-  m.impl("gate_pool_backward", &gate_pool_backward_op<&gate_backward_impl>);
-  m.impl("focus_backward", &focus_backward);
+  register_ops<Device>(m, &gate, &gate_pool);
 }
 
 }  // namespace cuda

@@ -1,0 +1,85 @@
+// Host-side drivers of the ops that are the same on every device: argument checks, layout,
+// buffers and the order of the steps.  A device backend supplies only its kernels, through
+// a `Device` struct (see csrc/cpu/fa_cpu.cpp and csrc/cuda/fa_cuda.cu) with
+//   static auto guard(const at::Tensor& x);   // RAII device guard, or any dummy value
+//   static at::Tensor pool_acc(const at::Tensor& x, at::MemoryFormat fmt);   // (N, C) means, acc dtype
+//   static void mlp(l, w, hidden, k, grad_k, grad_z, grad_h, grad_l);
+//       // the focus MLP per sample on means l: forward (fills hidden, k) when grad_k is
+//       // undefined, else backward (fills hidden, grad_z, grad_h, grad_l; k unused)
+//   static void broadcast_pool_grad(const at::Tensor& grad_l, const at::Tensor& gx, at::MemoryFormat fmt);
+//       // gx[n, c, h, w] = grad_l[n, c] / HW in layout fmt
+//   static std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward(const GateBackwardInputs&, const at::Tensor& k);
+//       // (grad_x, grad_u, grad_k) of the weighting, grad_pooled folded in when defined
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+
+namespace fanet {
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_op(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                const at::Tensor& u, const at::Tensor& k) {
+  return Device::gate_backward(prepare_gate_backward(grad_out, std::nullopt, x, u, k), k);
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_pool_backward_op(const std::optional<at::Tensor>& grad_out,
+                                                                     const std::optional<at::Tensor>& grad_pooled,
+                                                                     const at::Tensor& x, const at::Tensor& u,
+                                                                     const at::Tensor& k) {
+  return Device::gate_backward(prepare_gate_backward(grad_out, grad_pooled, x, u, k), k);
+}
+
+template <typename Device>
+at::Tensor focus_op(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& b2) {
+  const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
+  [[maybe_unused]] const auto guard = Device::guard(x);
+  const auto fmt = kernel_memory_format(x);
+  const at::Tensor l = Device::pool_acc(in_format(x, fmt), fmt);
+  at::Tensor k = at::empty({x.size(0)}, l.options()), hidden = at::empty({x.size(0), w1.size(0)}, l.options());
+  Device::mlp(l, w, hidden, k, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor());
+  return k.to(x.scalar_type());
+}
+
+// The pool is recomputed (focus returns only k'), then the MLP backward per sample, then
+// grad_x = grad_l / HW broadcast; the weight gradients are small matrix products.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> focus_backward_op(
+    const at::Tensor& grad_k, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2) {
+  const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
+  check_focus_grad(grad_k, x);
+  [[maybe_unused]] const auto guard = Device::guard(x);
+  const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0);
+  const auto fmt = kernel_memory_format(x);
+  const at::Tensor l = Device::pool_acc(in_format(x, fmt), fmt);
+  const auto opts = l.options();
+  const at::Tensor gk = grad_k.to(l.scalar_type()).contiguous();
+  at::Tensor hidden = at::empty({N, H1}, opts), grad_h = at::empty({N, H1}, opts);
+  at::Tensor grad_z = at::empty({N}, opts), grad_l = at::empty({N, C}, opts);
+  Device::mlp(l, w, hidden, at::Tensor(), gk, grad_z, grad_h, grad_l);
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (x.numel() > 0) Device::broadcast_pool_grad(grad_l, gx, fmt);
+  auto [gw1, gb1, gw2, gb2] = focus_weight_grads(l, hidden, grad_h, grad_z, w1.scalar_type());
+  return {gx, gw1, gb1, gw2, gb2};
+}
+
+// Registers the six ops of a device backend: m.impl for every schema of csrc/fanet.cpp.
+template <typename Device, typename Gate, typename GatePool>
+void register_ops(torch::Library& m, Gate gate, GatePool gate_pool) {
+  m.impl("gate", gate);
+  m.impl("gate_pool", gate_pool);
+  m.impl("focus", &focus_op<Device>);
+  m.impl("gate_backward", &gate_backward_op<Device>);
+  m.impl("gate_pool_backward", &gate_pool_backward_op<Device>);
+  m.impl("focus_backward", &focus_backward_op<Device>);
+}
+
+}  // namespace fanet
