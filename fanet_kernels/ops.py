@@ -85,10 +85,8 @@ if HAS_EXTENSION:
 
     def _compiled_backend(name: str, devices: tuple[str, ...]) -> backends.Backend:
         return backends.Backend(
-            name=name, devices=devices,
-            gate=torch.ops.fanet.gate.default,
-            gate_pool=lambda x, u, k: tuple(torch.ops.fanet.gate_pool.default(x, u, k)),
-            focus=torch.ops.fanet.focus.default,
+            name=name, devices=devices, gate=torch.ops.fanet.gate.default,
+            gate_pool=torch.ops.fanet.gate_pool.default, focus=torch.ops.fanet.focus.default, checks_args=True,
         )
 
     BACKENDS = {"cpu": _compiled_backend("cpu", ("cpu",))}
@@ -105,22 +103,34 @@ else:
 
 
 # ---- public, backend-dispatching functions ----------------------------------------------
+def _backend_for(backend: Optional[str], x: torch.Tensor) -> backends.Backend:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fanet: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    return backends.resolve(backend, x.device)
+
+
 def gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """``x + (u - x) * k[n]``: the FA weighting of one block (paper eq. 9)."""
-    _validate.check_gate(x, u, k)
-    return backends.resolve(backend, x.device).gate(x, u, k)
+    impl = _backend_for(backend, x)
+    if not impl.checks_args:
+        _validate.check_gate(x, u, k)
+    return impl.gate(x, u, k)
 
 
 def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, *,
               backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighting and, in the same pass, the channel means of its result: ``(out, pooled)``
     with ``pooled`` of shape (N, C), the focus input of the next block."""
-    _validate.check_gate(x, u, k)
-    return backends.resolve(backend, x.device).gate_pool(x, u, k)
+    impl = _backend_for(backend, x)
+    if not impl.checks_args:
+        _validate.check_gate(x, u, k)
+    return impl.gate_pool(x, u, k)
 
 
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,
           backend: Optional[str] = None) -> torch.Tensor:
     """The focused attention ``k'[n] = sigmoid(w2 . relu(w1 . mean_hw(x[n]) + b1) + b2)``, shape (N,)."""
-    _validate.check_focus(x, w1, b1, w2, b2)
-    return backends.resolve(backend, x.device).focus(x, w1, b1, w2, b2)
+    impl = _backend_for(backend, x)
+    if not impl.checks_args:
+        _validate.check_focus(x, w1, b1, w2, b2)
+    return impl.focus(x, w1, b1, w2, b2)
