@@ -76,3 +76,8 @@ def out_memory_format(x: torch.Tensor) -> torch.memory_format:
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def empty_out(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped, typed and laid out as the kernels' output for x."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))

@@ -28,20 +28,16 @@ def _cuda_kernels_built() -> bool:
 
 if HAS_EXTENSION:
 
-    def _empty_like_kernel_out(x: torch.Tensor) -> torch.Tensor:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                           memory_format=_validate.out_memory_format(x))
-
     # ---- fake kernels: shapes, dtypes and strides exactly as the real kernels make them --
     @torch.library.register_fake("fanet::gate")
     def _gate_fake(x, u, k):
         _validate.check_gate(x, u, k)
-        return _empty_like_kernel_out(x)
+        return _validate.empty_out(x)
 
     @torch.library.register_fake("fanet::gate_pool")
     def _gate_pool_fake(x, u, k):
         _validate.check_gate(x, u, k)
-        return _empty_like_kernel_out(x), x.new_empty((x.shape[0], x.shape[1]))
+        return _validate.empty_out(x), x.new_empty((x.shape[0], x.shape[1]))
 
     @torch.library.register_fake("fanet::focus")
     def _focus_fake(x, w1, b1, w2, b2):
@@ -51,17 +47,17 @@ if HAS_EXTENSION:
     @torch.library.register_fake("fanet::gate_backward")
     def _gate_backward_fake(grad_out, x, u, k):
         _validate.check_gate(x, u, k)
-        return _empty_like_kernel_out(x), _empty_like_kernel_out(x), k.new_empty(k.shape)
+        return _validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape)
 
     @torch.library.register_fake("fanet::gate_pool_backward")
     def _gate_pool_backward_fake(grad_out, grad_pooled, x, u, k):
         _validate.check_gate(x, u, k)
-        return _empty_like_kernel_out(x), _empty_like_kernel_out(x), k.new_empty(k.shape)
+        return _validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape)
 
     @torch.library.register_fake("fanet::focus_backward")
     def _focus_backward_fake(grad_k, x, w1, b1, w2, b2):
         _validate.check_focus(x, w1, b1, w2, b2)
-        return (_empty_like_kernel_out(x), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
+        return (_validate.empty_out(x), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
                 w2.new_empty(w2.shape), b2.new_empty(b2.shape))
 
     # ---- autograd: each backward is one fused op ----------------------------------------

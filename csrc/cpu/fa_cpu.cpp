@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include "../common/checks.h"
 #include "../common/fa_math.h"

@@ -190,7 +190,7 @@ def _(x, w1, b1, w2, b2):
 def _(grad_k, x, w1, b1, w2, b2):
     _validate.check_focus(x, w1, b1, w2, b2)
     _check_grad_k(grad_k, x)
-    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_validate.out_memory_format(x))
+    gx = _validate.empty_out(x)
     return gx, w1.new_empty(w1.shape), b1.new_empty(b1.shape), w2.new_empty(w2.shape), b2.new_empty(b2.shape)
 
 

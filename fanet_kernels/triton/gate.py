@@ -260,10 +260,6 @@ def in_kernel_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _empty_out(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_validate.out_memory_format(x))
-
-
 def channel_sums(x: torch.Tensor, u: Optional[torch.Tensor], k: Optional[torch.Tensor],
                  out: Optional[torch.Tensor], fmt: torch.memory_format, dtype: torch.dtype) -> torch.Tensor:
     """Channel means (N, C) in `dtype` of gate(x, u, k) (writing it to out) if u is given, else of
@@ -297,7 +293,7 @@ def _prepare(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor):
 
 def _gate_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     x, u, ka, _ = _prepare(x, u, k)
-    out = _empty_out(x)
+    out = _validate.empty_out(x)
     numel = x.numel()
     if numel:
         block = min(sizes().block, triton.next_power_of_2(numel))
@@ -308,7 +304,7 @@ def _gate_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tenso
 
 def _gate_pool_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x, u, ka, fmt = _prepare(x, u, k)
-    out = _empty_out(x)
+    out = _validate.empty_out(x)
     pooled = channel_sums(x, u, ka, out, fmt, x.dtype)
     return out, pooled
 
@@ -341,7 +337,7 @@ def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[
     kdtype = k.dtype
     x, u, ka, fmt = _prepare(x, u, k)
     acc = ka.dtype
-    gx, gu = _empty_out(x), _empty_out(x)
+    gx, gu = _validate.empty_out(x), _validate.empty_out(x)
     n, c, h, w = x.shape
     hw, m = h * w, c * h * w
     block, iters, per_sample = flat_config(n, m)
@@ -384,25 +380,25 @@ def gate_pool_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[t
 @gate.register_fake
 def _(x, u, k):
     _validate.check_gate(x, u, k)
-    return _empty_out(x)
+    return _validate.empty_out(x)
 
 
 @gate_pool.register_fake
 def _(x, u, k):
     _validate.check_gate(x, u, k)
-    return _empty_out(x), x.new_empty((x.shape[0], x.shape[1]))
+    return _validate.empty_out(x), x.new_empty((x.shape[0], x.shape[1]))
 
 
 @gate_backward.register_fake
 def _(grad_out, x, u, k):
     _check_backward(grad_out, None, x, u, k)
-    return _empty_out(x), _empty_out(x), k.new_empty(k.shape)
+    return _validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape)
 
 
 @gate_pool_backward.register_fake
 def _(grad_out, grad_pooled, x, u, k):
     _check_backward(grad_out, grad_pooled, x, u, k)
-    return _empty_out(x), _empty_out(x), k.new_empty(k.shape)
+    return _validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape)
 
 
 def _save_inputs(ctx, inputs, output):
