@@ -27,6 +27,7 @@ from typing import Optional
 HERE = Path(__file__).resolve().parent
 
 # Targets of issue 7 (goals for the kernels, not assertions).
+TARGET_OPS = ("gate_pool", "residual_gate_pool")  # fwd+bwd rows with the targets below
 TARGET_VS_EAGER = 3.0      # gate_pool fwd+bwd: fused at least 3x faster than the eager reference
 TARGET_VS_COMPILED = 1.5   # ... and at least 1.5x faster than torch.compile of it
 TARGET_COPY_RATIO = 1.5    # ... and within 1.5x of the copy bound (time / clone of the same bytes)
@@ -124,10 +125,11 @@ def median(row: Optional[dict]) -> Optional[float]:
     return None if row is None else row["stats"]["median"]
 
 
-def render_ops(groups: dict[str, dict[str, dict]]) -> tuple[list[str], list[str]]:
-    """(target lines, table lines)."""
-    targets = ["| case | fused | vs eager (>= 3x) | vs compiled (>= 1.5x) | time / copy bound (<= 1.5) |",
-               "|---|---|---|---|---|"]
+def render_ops(groups: dict[str, dict[str, dict]]) -> tuple[dict[str, list[str]], list[str]]:
+    """({op: target lines}, table lines)."""
+    head = ["| case | fused | vs eager (>= 3x) | vs compiled (>= 1.5x) | time / copy bound (<= 1.5) |",
+            "|---|---|---|---|---|"]
+    targets: dict[str, list[str]] = {op: list(head) for op in TARGET_OPS}
     tables: list[str] = []
     by_section: dict[tuple, list[tuple[str, dict]]] = defaultdict(list)
     for name, rows in groups.items():
@@ -153,11 +155,11 @@ def render_ops(groups: dict[str, dict[str, dict]]) -> tuple[list[str], list[str]
                 cells += [ms(t), ratio(gbps, 1), ratio(None if t is None or t_clone is None else t / t_clone),
                           ratio(None if t is None or t_ref is None else t_ref / t),
                           ratio(None if t is None or t_comp is None else t_comp / t)]
-                if op == "gate_pool" and passes == "fwd+bwd":
+                if op in TARGET_OPS and passes == "fwd+bwd":
                     vs_ref = None if t is None or t_ref is None else t_ref / t
                     vs_comp = None if t is None or t_comp is None else t_comp / t
                     copy = None if t is None or t_clone is None else t / t_clone
-                    targets.append(
+                    targets[op].append(
                         f"| {'x'.join(map(str, info['shape']))} {info['dtype']} {info['layout']} | {f} | "
                         f"{ratio(vs_ref)} {verdict(vs_ref, TARGET_VS_EAGER, True)} | "
                         f"{ratio(vs_comp)} {verdict(vs_comp, TARGET_VS_COMPILED, True)} | "
@@ -230,11 +232,16 @@ def render(data: dict, env: dict, run: dict) -> str:
         f"{fmt_load(run.get('load_after'))} (other work on the machine perturbs the numbers)",
         f"- Command: `{run.get('command', '?')}`",
         *busy_warning(run, env), "",
-        "Bytes per call (SPEC §5, S = bytes of one activation): gate_pool and gate forward 3·S, "
-        "forward+backward 8·S; focus forward 1·S, forward+backward 3·S. *copy* = a `torch.clone` "
+        "Bytes per call (SPEC §5, S = bytes of one activation): gate_pool, residual_gate_pool and gate "
+        "forward 3·S, forward+backward 8·S; focus forward 1·S, forward+backward 3·S. *copy* = a `torch.clone` "
         "moving the same bytes in the same run, so `time / copy` is the distance to the copy bound.", "",
         "## Targets (issue 7)", "",
-        "### gate_pool forward+backward", "", *op_targets, "",
+        "### gate_pool forward+backward", "", *op_targets["gate_pool"], "",
+        "### residual_gate_pool forward+backward", "",
+        "The op the FA chains run for residual blocks with an identity shortcut (the block's add and ReLU "
+        "folded into the gate). Its eager reference is that add + ReLU followed by gate_pool, the work of "
+        "an unfused FA residual block; same targets as gate_pool.", "",
+        *op_targets["residual_gate_pool"], "",
         "### FA-ResNet-56 training step", "", *net_targets, "",
     ]
     profile = HERE / "PROFILE.md"

@@ -1,4 +1,4 @@
-"""Op-level benchmarks of fanet::gate_pool, gate and focus (issue 7, SPEC §5).
+"""Op-level benchmarks of fanet::gate_pool, residual_gate_pool, gate and focus (issue 7, SPEC §5).
 
 One pytest-benchmark group per (op, pass, shape, dtype, layout, device); its rows, in run
 order: ``clone`` (a torch.clone moving the same bytes: the copy bound), ``reference``
@@ -7,6 +7,8 @@ up before timing) and one row per fused backend (``cpu``; ``cuda``/``triton`` on
 
 Bytes per call, with S the bytes of one activation tensor (SPEC §5):
   gate_pool, gate: forward 3·S (read x, u; write out), forward+backward 3·S + 5·S = 8·S.
+  residual_gate_pool: the same, with the branch B in place of u (its reference is the block's
+  add + ReLU followed by gate_pool, which is what an unfused residual FA block runs).
   focus: forward 1·S (read x); forward+backward 3·S (the backward re-reads x for the pool,
   since focus returns only k', and writes grad_x).
 """
@@ -32,10 +34,11 @@ QUICK_SHAPES = {"resnet56": [(128, 32, 16, 16)], "resnext29": [(128, 1024, 8, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PASSES = ("fwd", "fwd+bwd")
-FULL_OPS = ("gate_pool", "gate", "focus")
+FULL_OPS = ("gate_pool", "residual_gate_pool", "gate", "focus")
 QUICK_OPS = ("gate_pool",)
 # Bytes moved per call, in units of S (see the module docstring).
 BYTES_IN_S = {("gate_pool", "fwd"): 3, ("gate_pool", "fwd+bwd"): 8, ("gate", "fwd"): 3, ("gate", "fwd+bwd"): 8,
+              ("residual_gate_pool", "fwd"): 3, ("residual_gate_pool", "fwd+bwd"): 8,
               ("focus", "fwd"): 1, ("focus", "fwd+bwd"): 3}
 
 
@@ -145,7 +148,7 @@ def make_call(case: Case):
         grads = (t["grad_k"],)
     else:
         leaves = [t[k].detach().requires_grad_(train) for k in ("x", "u", "k")]
-        grads = (t["grad_out"], t["grad_pooled"]) if case.op == "gate_pool" else (t["grad_out"],)
+        grads = (t["grad_out"],) if case.op == "gate" else (t["grad_out"], t["grad_pooled"])
 
     if not train:
         return lambda: fn(*leaves)

@@ -22,6 +22,9 @@ TORCH_LIBRARY(fanet, m) {
   m.def("gate(Tensor x, Tensor u, Tensor k) -> Tensor", tags);
   // (out, pooled), pooled[n, c] = mean over H, W of out[n, c]
   m.def("gate_pool(Tensor x, Tensor u, Tensor k) -> (Tensor, Tensor)", tags);
+  // The same with u = relu(branch + x) formed on the fly: a residual block with an identity
+  // shortcut hands over its branch, and its add and ReLU run inside the gate.
+  m.def("residual_gate_pool(Tensor x, Tensor branch, Tensor k) -> (Tensor, Tensor)", tags);
   // k'[n] = sigmoid(w2 . relu(w1 . mean_hw(x[n]) + b1) + b2)
   m.def("focus(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", tags);
 
@@ -31,6 +34,11 @@ TORCH_LIBRARY(fanet, m) {
   // grad_pooled is folded into grad_out on the fly; either may be None (no gradient).
   m.def(
       "gate_pool_backward(Tensor? grad_out, Tensor? grad_pooled, Tensor x, Tensor u, Tensor k) "
+      "-> (Tensor, Tensor, Tensor)",
+      tags);
+  // -> (grad_x, grad_branch, grad_k); grad_x includes the identity shortcut's share.
+  m.def(
+      "residual_gate_pool_backward(Tensor? grad_out, Tensor? grad_pooled, Tensor x, Tensor branch, Tensor k) "
       "-> (Tensor, Tensor, Tensor)",
       tags);
   // -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)

@@ -27,16 +27,17 @@ def check_float(t: torch.Tensor, name: str) -> None:
                         f"float16 or bfloat16), got {t.dtype}")
 
 
-def check_gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> None:
-    """x, u: (N, C, H, W), same shape, dtype and device, H*W >= 1; k: (N,) floating."""
+def check_gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, u_name: str = "u") -> None:
+    """x, u: (N, C, H, W), same shape, dtype and device, H*W >= 1; k: (N,) floating.  ``u_name``
+    is the second argument's name in messages ("branch" for the residual op)."""
     check_float(x, "x")
     _need(x.dim() == 4, f"argument 'x' must be 4-D (N, C, H, W), got {x.dim()}-D with shape {_shape(x)}")
-    check_float(u, "u")
-    _need(u.dim() == 4, f"argument 'u' must be 4-D (N, C, H, W) like x, got {u.dim()}-D with shape {_shape(u)}")
-    _need(u.shape == x.shape, f"argument 'u' must have the shape of x {_shape(x)}, got {_shape(u)}")
+    check_float(u, u_name)
+    _need(u.dim() == 4, f"argument '{u_name}' must be 4-D (N, C, H, W) like x, got {u.dim()}-D with shape {_shape(u)}")
+    _need(u.shape == x.shape, f"argument '{u_name}' must have the shape of x {_shape(x)}, got {_shape(u)}")
     if u.dtype != x.dtype:
-        raise TypeError(f"fanet: argument 'u' must have the dtype of x ({x.dtype}), got {u.dtype}")
-    _need(u.device == x.device, f"argument 'u' must be on the device of x ({x.device}), got {u.device}")
+        raise TypeError(f"fanet: argument '{u_name}' must have the dtype of x ({x.dtype}), got {u.dtype}")
+    _need(u.device == x.device, f"argument '{u_name}' must be on the device of x ({x.device}), got {u.device}")
     _need(x.shape[2] * x.shape[3] >= 1, f"argument 'x' must have H*W >= 1, got shape {_shape(x)}")
     check_float(k, "k")
     _need(k.dim() == 1 and k.shape[0] == x.shape[0],

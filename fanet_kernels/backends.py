@@ -28,13 +28,14 @@ AUTO_ORDER = {
 
 @dataclass(frozen=True)
 class Backend:
-    """The three fused ops of one implementation, and the device types it runs on."""
+    """The fused ops of one implementation, and the device types it runs on."""
 
     name: str
     devices: tuple[str, ...]
     gate: Callable[..., torch.Tensor]
     gate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     focus: Callable[..., torch.Tensor]
+    residual_gate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     # True when the ops check their arguments themselves (the C++ ops, with the messages of
     # _validate): the Python-side checks are then skipped, saving ~8 us per call.
     checks_args: bool = False

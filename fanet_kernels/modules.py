@@ -8,11 +8,12 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops, reference
 
-__all__ = ["FAOutput", "FAGate", "FASequential", "FAStage", "FAStages", "SEBlock", "collect_k",
-           "out_channels"]
+__all__ = ["FAOutput", "FAGate", "FASequential", "FAStage", "FAStages", "ResidualBlock", "SEBlock",
+           "collect_k", "out_channels"]
 
 
 class FAOutput(NamedTuple):
@@ -25,11 +26,12 @@ class FAOutput(NamedTuple):
 class FAGate(nn.Module):
     """Focus + association + weighting of the block at position ``index`` >= 1 of a chain.
 
-    ``forward(x, u, history=None, pooled_x=None, x_proj=None)``: x = X_i (block input), u = U_i
-    (block output), history = [k_1 .. k_{i-1}].  If ``pooled_x`` (the ``pooled`` of the previous
-    gate, i.e. the channel means of x) is given, x is not read again; else the fused focus op
-    pools it.  ``x_proj`` = P(x) is the start of the weighting when x and u differ in shape (focus
-    stays on x).  Parameters: focus1 Linear(C, max(1, C // r1)), focus2 Linear(h1, 1) and, for
+    ``forward(x, u, history=None, pooled_x=None, x_proj=None, residual=False)``: x = X_i (block
+    input), u = U_i (block output), history = [k_1 .. k_{i-1}].  If ``pooled_x`` (the ``pooled``
+    of the previous gate, i.e. the channel means of x) is given, x is not read again; else the
+    fused focus op pools it.  ``x_proj`` = P(x) is the start of the weighting when x and u differ
+    in shape (focus stays on x).  ``residual=True``: u is the residual branch B of a block whose
+    output is relu(B + x); the add and the ReLU then run inside the gate (ops.residual_gate_pool).  Parameters: focus1 Linear(C, max(1, C // r1)), focus2 Linear(h1, 1) and, for
     index >= 2, assoc1 Linear(index, r2 * index), assoc2 Linear(r2 * index, 1).
     """
 
@@ -58,8 +60,12 @@ class FAGate(nn.Module):
         return p
 
     def forward(self, x: torch.Tensor, u: torch.Tensor, history: Optional[Sequence[torch.Tensor]] = None,
-                pooled_x: Optional[torch.Tensor] = None, x_proj: Optional[torch.Tensor] = None) -> FAOutput:
+                pooled_x: Optional[torch.Tensor] = None, x_proj: Optional[torch.Tensor] = None,
+                residual: bool = False) -> FAOutput:
         hist = list(history) if history is not None else []
+        if residual and x_proj is not None:
+            raise ValueError(f"FAGate(index={self.index}): arguments 'residual' and 'x_proj' exclude each other "
+                             "(a residual branch is added to x itself)")
         if len(hist) != self.index - 1:
             raise ValueError(f"FAGate(index={self.index}): argument 'history' must hold k_1 .. k_{self.index - 1} "
                              f"({self.index - 1} tensors), got {len(hist)}")
@@ -70,8 +76,10 @@ class FAGate(nn.Module):
             k = reference.focus_mlp(pooled_x, w["w1"], w["b1"], w["w2"], w["b2"])
         if self.index >= 2:
             k = reference.associate(hist, k, w["w3"], w["b3"], w["w4"], w["b4"])
-        start = x if x_proj is None else x_proj
-        out, pooled = ops.gate_pool(start, u, k, backend=self.backend)
+        if residual:
+            out, pooled = ops.residual_gate_pool(x, u, k, backend=self.backend)
+        else:
+            out, pooled = ops.gate_pool(x if x_proj is None else x_proj, u, k, backend=self.backend)
         return FAOutput(out, k, [*hist, k], pooled)
 
     def extra_repr(self) -> str:
@@ -92,6 +100,27 @@ def out_channels(module: nn.Module) -> int:
     return found
 
 
+class ResidualBlock(nn.Module):
+    """A residual block ``relu(branch(x) + shortcut(x))`` (``shortcut`` None: the identity) whose
+    add and ReLU an FA chain folds into its gate when the shortcut is the identity: the chain
+    calls ``branch`` and ``ops.residual_gate_pool`` instead of ``forward``, which saves a pass over
+    memory each way.  Subclasses define ``branch`` and set ``self.shortcut``.  A block with forward
+    hooks is run through ``forward`` so that its hooks see its output."""
+
+    shortcut: Optional[nn.Module]
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x) + (x if self.shortcut is None else self.shortcut(x)))
+
+
+def _fusable(block: nn.Module) -> bool:
+    return (isinstance(block, ResidualBlock) and block.shortcut is None
+            and not (block._forward_hooks or block._forward_pre_hooks))
+
+
 def _seq(blocks) -> list[nn.Module]:
     blocks = list(blocks.children()) if isinstance(blocks, nn.Sequential) else list(blocks)
     if not blocks:
@@ -110,8 +139,9 @@ class FASequential(nn.Module):
 
     def __init__(self, blocks, channels: Union[int, Sequence[int], None] = None, r1: int = 4, r2: int = 4,
                  backend: Optional[str] = None, projections: Optional[Sequence[Optional[nn.Module]]] = None,
-                 gated: bool = True):
+                 gated: bool = True, fuse_residual: bool = True):
         super().__init__()
+        self.fuse_residual = fuse_residual
         blocks = _seq(blocks)
         for i, b in enumerate(blocks):
             self.add_module(str(i), b)
@@ -146,12 +176,18 @@ class FASequential(nn.Module):
         pooled = None
         proj = self._modules.get("proj")
         for i in range(1, self._n):
-            u = self[i](x)
+            block = self[i]
             if not len(self.fa):
-                x = u
+                x = block(x)
                 continue
-            xp = proj[str(i)](x) if proj is not None and str(i) in proj else None
-            x, _, hist, pooled = self.fa[i - 1](x, u, hist, pooled_x=pooled, x_proj=xp)
+            if proj is None or str(i) not in proj:
+                if self.fuse_residual and _fusable(block):
+                    x, _, hist, pooled = self.fa[i - 1](x, block.branch(x), hist, pooled_x=pooled, residual=True)
+                    continue
+                xp = None
+            else:
+                xp = proj[str(i)](x)
+            x, _, hist, pooled = self.fa[i - 1](x, block(x), hist, pooled_x=pooled, x_proj=xp)
         if not torch.compiler.is_compiling():
             self.last_k = [k.detach() for k in hist]
         return x
@@ -183,8 +219,9 @@ class FAStage(FASequential):
 
     def __init__(self, blocks, index: int, channels=None, stage_channels: Optional[int] = None,
                  proj: Union[str, nn.Module, None] = "auto", pre: Optional[nn.Module] = None, last: bool = False,
-                 chain: bool = True, r1: int = 4, r2: int = 4, backend: Optional[str] = None, projections=None):
-        super().__init__(blocks, channels, r1, r2, backend, projections, gated=chain)
+                 chain: bool = True, r1: int = 4, r2: int = 4, backend: Optional[str] = None, projections=None,
+                 fuse_residual: bool = True):
+        super().__init__(blocks, channels, r1, r2, backend, projections, gated=chain, fuse_residual=fuse_residual)
         self.index, self.last = index, last
         self._proj_path: Optional[str] = None
         if pre is not None:
@@ -244,7 +281,7 @@ class FAStages(nn.Module):
 
     def __init__(self, stages: Sequence, channels: Optional[Sequence] = None, projections=None,
                  pre: Optional[Sequence[Optional[nn.Module]]] = None, chain: bool = True,
-                 r1: int = 4, r2: int = 4, backend: Optional[str] = None):
+                 r1: int = 4, r2: int = 4, backend: Optional[str] = None, fuse_residual: bool = True):
         super().__init__()
         stages = list(stages.children()) if isinstance(stages, nn.Sequential) else list(stages)
         n = len(stages)
@@ -253,7 +290,8 @@ class FAStages(nn.Module):
                 st, s, channels=None if channels is None else channels[s],
                 stage_channels=channels[s] if channels is not None and isinstance(channels[s], int) else None,
                 proj="auto" if projections is None or projections[s] is None else projections[s],
-                pre=None if pre is None else pre[s], last=s == n - 1, chain=chain, r1=r1, r2=r2, backend=backend))
+                pre=None if pre is None else pre[s], last=s == n - 1, chain=chain, r1=r1, r2=r2, backend=backend,
+                fuse_residual=fuse_residual))
         self._n = n
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""The fused ops ``fanet::gate``, ``fanet::gate_pool``, ``fanet::focus`` (SPEC §4).
+"""The fused ops ``fanet::gate``, ``fanet::gate_pool``, ``fanet::focus`` (SPEC §4) and
+``fanet::residual_gate_pool`` (gate_pool with the residual block's add and ReLU folded in).
 
 Their schemas are defined in C++ (csrc/fanet.cpp) and their kernels in csrc/cpu and
 csrc/cuda; this file registers the fake (meta) kernels and the autograd formulas, in the
@@ -39,6 +40,11 @@ if HAS_EXTENSION:
         _validate.check_gate(x, u, k)
         return _validate.empty_out(x), x.new_empty((x.shape[0], x.shape[1]))
 
+    @torch.library.register_fake("fanet::residual_gate_pool")
+    def _residual_gate_pool_fake(x, branch, k):
+        _validate.check_gate(x, branch, k, "branch")
+        return _validate.empty_out(x), x.new_empty((x.shape[0], x.shape[1]))
+
     @torch.library.register_fake("fanet::focus")
     def _focus_fake(x, w1, b1, w2, b2):
         _validate.check_focus(x, w1, b1, w2, b2)
@@ -52,6 +58,11 @@ if HAS_EXTENSION:
     @torch.library.register_fake("fanet::gate_pool_backward")
     def _gate_pool_backward_fake(grad_out, grad_pooled, x, u, k):
         _validate.check_gate(x, u, k)
+        return _validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape)
+
+    @torch.library.register_fake("fanet::residual_gate_pool_backward")
+    def _residual_gate_pool_backward_fake(grad_out, grad_pooled, x, branch, k):
+        _validate.check_gate(x, branch, k, "branch")
         return _validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape)
 
     @torch.library.register_fake("fanet::focus_backward")
@@ -72,17 +83,24 @@ if HAS_EXTENSION:
         x, u, k = ctx.saved_tensors
         return torch.ops.fanet.gate_pool_backward(grad_out, grad_pooled, x, u, k)
 
+    def _residual_gate_pool_bwd(ctx, grad_out, grad_pooled):
+        x, branch, k = ctx.saved_tensors
+        return torch.ops.fanet.residual_gate_pool_backward(grad_out, grad_pooled, x, branch, k)
+
     def _focus_bwd(ctx, grad_k):
         return torch.ops.fanet.focus_backward(grad_k, *ctx.saved_tensors)
 
     torch.library.register_autograd("fanet::gate", _gate_bwd, setup_context=_save_inputs)
     torch.library.register_autograd("fanet::gate_pool", _gate_pool_bwd, setup_context=_save_inputs)
+    torch.library.register_autograd("fanet::residual_gate_pool", _residual_gate_pool_bwd,
+                                    setup_context=_save_inputs)
     torch.library.register_autograd("fanet::focus", _focus_bwd, setup_context=_save_inputs)
 
     def _compiled_backend(name: str, devices: tuple[str, ...]) -> backends.Backend:
         return backends.Backend(
             name=name, devices=devices, gate=torch.ops.fanet.gate.default,
-            gate_pool=torch.ops.fanet.gate_pool.default, focus=torch.ops.fanet.focus.default, checks_args=True,
+            gate_pool=torch.ops.fanet.gate_pool.default, focus=torch.ops.fanet.focus.default,
+            residual_gate_pool=torch.ops.fanet.residual_gate_pool.default, checks_args=True,
         )
 
     BACKENDS = {"cpu": _compiled_backend("cpu", ("cpu",))}
@@ -121,6 +139,17 @@ def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, *,
     if not impl.checks_args:
         _validate.check_gate(x, u, k)
     return impl.gate_pool(x, u, k)
+
+
+def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor, k: torch.Tensor, *,
+                       backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate_pool(x, relu(branch + x), k)`` in one pass: the weighting of a residual block with an
+    identity shortcut, given its residual ``branch``, so the block's add and ReLU (and their
+    backward) cost no pass of their own.  ``relu(branch + x)`` is formed in the accumulation dtype."""
+    impl = _backend_for(backend, x)
+    if not impl.checks_args:
+        _validate.check_gate(x, branch, k, "branch")
+    return impl.residual_gate_pool(x, branch, k)
 
 
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,

@@ -27,6 +27,17 @@ def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.
     return out.to(x.dtype), out.mean(dim=(2, 3)).to(x.dtype)
 
 
+def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor,
+                       k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate_pool(x, relu(branch + x), k)`` with the block output ``relu(branch + x)`` formed in
+    the accumulation dtype (not rounded to x's dtype first): the FA weighting of a residual block
+    with an identity shortcut, given its residual branch."""
+    acc = _acc(x.dtype)
+    xa = x.to(acc)
+    out = xa + (F.relu(branch.to(acc) + xa) - xa) * k.to(acc).view(-1, 1, 1, 1)
+    return out.to(x.dtype), out.mean(dim=(2, 3)).to(x.dtype)
+
+
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """Focus (paper eqs. 5-7): the focused attention k' of shape (N,), from x's channel means."""
     pooled = x.to(_acc(x.dtype)).mean(dim=(2, 3))
@@ -60,7 +71,7 @@ def associate(history: list[torch.Tensor], k_focus: torch.Tensor, w3: torch.Tens
 
 
 BACKEND = Backend(name="reference", devices=("cpu", "cuda", "meta", "mps", "xpu"),
-                  gate=gate, gate_pool=gate_pool, focus=focus)
+                  gate=gate, gate_pool=gate_pool, focus=focus, residual_gate_pool=residual_gate_pool)
 
 
 # ---- SPEC §1 / §2: one FA block, a chain, the stage level, with explicit weights --------

@@ -21,21 +21,24 @@ DEV = "cuda"
 B = "cuda"
 
 
+def _misaligned(shape, dtype, layout, seed=0):
+    """A tensor of ``shape`` in ``layout`` whose data starts one element into its storage, so it is
+    not 16-byte aligned (the kernels' scalar path)."""
+    n, c, h, w = shape
+    flat = make((n + 1, c, h, w), dtype, layout, device=DEV, seed=seed).flatten()[1:1 + n * c * h * w]
+    t = flat.view(shape) if layout == "contiguous" else flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert t.data_ptr() % 16 != 0 and t.is_contiguous(memory_format=fmt)
+    return t
+
+
 # ---- forward (CUDA-only cases) -------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dname", list(DTYPES))
 def test_misaligned_inputs_take_the_scalar_path(dname, layout):
     """A view starting one element into its storage is not 16-byte aligned."""
     dtype, shape = DTYPES[dname], (3, 16, 8, 8)
-    base_x, base_u = make((4, *shape[1:]), dtype, layout, device=DEV), make((4, *shape[1:]), dtype, layout,
-                                                                             device=DEV, seed=1)
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    flat_x, flat_u = base_x.flatten()[1:1 + base_x[:3].numel()], base_u.flatten()[1:1 + base_u[:3].numel()]
-    x = flat_x.view(shape) if fmt == torch.contiguous_format else \
-        flat_x.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
-    u = flat_u.view(shape) if fmt == torch.contiguous_format else \
-        flat_u.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
-    assert x.data_ptr() % 16 != 0 and x.is_contiguous(memory_format=fmt)
+    x, u = _misaligned(shape, dtype, layout), _misaligned(shape, dtype, layout, seed=1)
     k = make_k(3, device=DEV)
     out, pooled = ops.gate_pool(x, u, k, backend=B)
     ref_out, ref_pooled = reference.gate_pool(x, u, k)
@@ -49,6 +52,58 @@ def test_misaligned_inputs_take_the_scalar_path(dname, layout):
     torch.testing.assert_close(gk.cpu(), rk, **grad_tol(dtype))
 
 
+# residual_gate_pool against the CPU kernels (the same fa_math.h arithmetic): every kernel variant
+# of the residual op, i.e. both layouts, packed and scalar paths, and its backward with grad_out
+# only (no fold), grad_pooled only and both (fold).  The backward of the shared test_ops.py cases
+# vs the reference covers the math; this covers the CUDA instantiations.
+@pytest.mark.parametrize("grads_of", ["out", "pooled", "both"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_residual_gate_pool_matches_cpu_kernels(dname, layout, aligned, grads_of):
+    dtype, shape = DTYPES[dname], (3, 16, 8, 8)
+    if aligned:
+        x, b = make(shape, dtype, layout, device=DEV), make(shape, dtype, layout, device=DEV, seed=1)
+    else:
+        x, b = _misaligned(shape, dtype, layout), _misaligned(shape, dtype, layout, seed=1)
+    k = make_k(3, device=DEV)
+    out, pooled = torch.ops.fanet.residual_gate_pool(x, b, k)
+    want_out, want_pooled = torch.ops.fanet.residual_gate_pool(x.cpu(), b.cpu(), k.cpu())
+    torch.testing.assert_close(out.cpu(), want_out, **TOL[dtype])
+    torch.testing.assert_close(pooled.cpu(), want_pooled, **TOL[dtype])
+    g = make(shape, dtype, layout, device=DEV, seed=3) if grads_of != "pooled" else None
+    gp = make((3, 16, 1, 1), dtype, "contiguous", device=DEV, seed=4).view(3, 16) if grads_of != "out" else None
+    got = torch.ops.fanet.residual_gate_pool_backward(g, gp, x, b, k)
+    want = torch.ops.fanet.residual_gate_pool_backward(None if g is None else g.cpu(), None if gp is None else gp.cpu(),
+                                                       x.cpu(), b.cpu(), k.cpu())
+    for a, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a.cpu(), w, **TOL[dtype])
+    torch.testing.assert_close(got[2].cpu(), want[2], **grad_tol(dtype))
+
+
+def test_residual_gate_pool_relu_boundary():
+    """branch + x == 0 exactly: relu's gradient is 0 there (torch's rule); NaN propagates."""
+    x = make((2, 8, 4, 4), torch.float32, "contiguous", device=DEV)
+    b = make((2, 8, 4, 4), torch.float32, "contiguous", device=DEV, seed=1)
+    tie = torch.zeros_like(x, dtype=torch.bool)
+    tie[:, ::2] = True
+    b = torch.where(tie, -x, b)
+    b[1, 1, 0, 0] = float("nan")
+    k = make_k(2, device=DEV)
+    g = torch.ones_like(x)
+    gx, gb, gk = torch.ops.fanet.residual_gate_pool_backward(g, None, x, b, k)
+    assert (gb[tie] == 0).all()
+    assert gb[1, 1, 0, 0] == k[1]  # NaN > 0 is false but NaN passes (threshold_backward)
+    want = torch.ops.fanet.residual_gate_pool_backward(g.cpu(), None, x.cpu(), b.cpu(), k.cpu())
+    for a, w in zip((gx, gb), want[:2]):
+        torch.testing.assert_close(a.cpu(), w, **TOL[torch.float32], equal_nan=True)
+    torch.testing.assert_close(gk.cpu(), want[2], **grad_tol(torch.float32), equal_nan=True)
+    assert torch.isnan(gk[1]) and not torch.isnan(gk[0])
+    out, pooled = torch.ops.fanet.residual_gate_pool(x, b, k)
+    torch.testing.assert_close(out.cpu(), reference.residual_gate_pool(x, b, k)[0].cpu(), **TOL[torch.float32],
+                               equal_nan=True)
+
+
 def test_mixed_dtypes_k_and_weights():
     """k and the focus weights may have another floating dtype than x (converted to acc)."""
     x = make((2, 8, 5, 5), torch.float16, "channels_last", device=DEV)
@@ -60,7 +115,7 @@ def test_mixed_dtypes_k_and_weights():
 
 
 # ---- backward (CUDA-only cases) ------------------------------------------------------------
-@pytest.mark.parametrize("op", ["gate", "gate_pool", "focus"])
+@pytest.mark.parametrize("op", ["gate", "gate_pool", "residual_gate_pool", "focus"])
 def test_backward_empty_batch(op):
     shape = SHAPES["N0"]
     if op == "focus":

@@ -170,3 +170,33 @@ def test_fasequential_keeps_block_keys():
     r = fa.load_state_dict(plain.state_dict(), strict=False)
     assert r.unexpected_keys == [] and all(k.startswith("fa.") for k in r.missing_keys)
     assert len(fa) == 3 and fa[0] is list(fa)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_blocks_fuse_add_and_relu_into_the_gate(backend, monkeypatch):
+    """Gated blocks with an identity shortcut run ``branch`` + ops.residual_gate_pool; the result
+    equals the unfused chain (``fuse_residual=False``), and a block with a forward hook is run
+    through its forward so the hook sees U."""
+    calls = []
+    real = ops.residual_gate_pool
+    monkeypatch.setattr(ops, "residual_gate_pool", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(6)
+    model = zoo.create_model("fa_resnet20", backend=backend)
+
+    def unfused(m, inp):
+        for chain in m.modules():
+            if isinstance(chain, FASequential):
+                chain.fuse_residual = False
+        return m(inp)
+
+    x = torch.randn(2, 3, 16, 16)
+    compare(model, unfused, x, backend)
+    assert len(calls) == 6  # blocks 1 and 2 of each of the 3 stages; the stage gates are not residual
+    calls.clear()
+    seen = []
+    model.layers[1][2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(x)
+    assert len(calls) == 5 and seen == [torch.Size([2, 32, 8, 8])]
+    with pytest.raises(ValueError, match="residual"):
+        FAGate(4, 1)(x[:, :1].expand(2, 4, 16, 16), x[:, :1].expand(2, 4, 16, 16), residual=True,
+                     x_proj=torch.zeros(2, 4, 16, 16))

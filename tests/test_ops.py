@@ -141,6 +141,104 @@ def test_backward_is_deterministic(target, dname):
                 assert torch.equal(a, b)
 
 
+# ---- residual_gate_pool: gate_pool with the block's add and ReLU folded in ----------------
+def _residual_inputs(shape, dtype, layout, dev, requires_grad=False):
+    return [make(shape, dtype, layout, device=dev, requires_grad=requires_grad, seed=0),
+            make(shape, dtype, layout, device=dev, requires_grad=requires_grad, seed=1),
+            make_k(shape[0], k_dtype(dtype), device=dev, requires_grad=requires_grad)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("sname", list(SHAPES))
+def test_residual_forward_matches_reference(target, sname, dname, layout):
+    (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
+    x, b, k = _residual_inputs(shape, dtype, layout, dev)
+    out, pooled = ops.residual_gate_pool(x, b, k, backend=backend)
+    ref_out, ref_pooled = reference.residual_gate_pool(x, b, k)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    torch.testing.assert_close(pooled, ref_pooled, **TOL[dtype])
+    assert out.dtype == pooled.dtype == dtype and pooled.shape == shape[:2]
+    want = torch.channels_last if layout == "channels_last" and not x.is_contiguous() else torch.contiguous_format
+    assert out.is_contiguous(memory_format=want)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("sname", [s for s in SHAPES if s != "N0"])
+def test_residual_backward_matches_reference(target, sname, dname, layout):
+    (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
+    inputs = _residual_inputs(shape, dtype, layout, dev, requires_grad=True)
+    fused = grads(lambda *a: ops.residual_gate_pool(*a, backend=backend), inputs)
+    ref = grads(reference.residual_gate_pool, inputs)
+    for i, (a, b) in enumerate(zip(fused, ref)):
+        tol = TOL[dtype] if i < 2 else grad_tol(dtype)  # grad_x, grad_branch are per element
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {i} of residual_gate_pool: {m}")
+
+
+def test_residual_relu_boundary_follows_torch(target):
+    """At branch + x = 0 the ReLU passes no gradient and NaN propagates, as torch.relu does."""
+    backend, dev = target
+    x = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0, -1.0], device=dev).view(1, 1, 2, 3)
+    b = torch.tensor([-1.0, 1.0, float("nan"), -4.0, 0.0, 2.0], device=dev).view(1, 1, 2, 3)
+    k = torch.tensor([0.25], device=dev)
+    inputs = [t.clone().requires_grad_() for t in (x, b, k)]
+    out, _ = ops.residual_gate_pool(*inputs, backend=backend)
+    ref_inputs = [t.clone().requires_grad_() for t in (x, b, k)]
+    ref_out, _ = reference.residual_gate_pool(*ref_inputs)
+    torch.testing.assert_close(out, ref_out, equal_nan=True)
+    g = torch.ones_like(out)
+    gx, gb = torch.autograd.grad(out, inputs[:2], g)
+    rgx, rgb = torch.autograd.grad(ref_out, ref_inputs[:2], g)
+    torch.testing.assert_close(gx, rgx, equal_nan=True)
+    torch.testing.assert_close(gb, rgb, equal_nan=True)
+    assert gb.view(-1)[0] == 0 and gb.view(-1)[4] == 0  # r = 0 exactly: no gradient
+
+
+@pytest.mark.parametrize("used", ["out", "pooled"])
+def test_residual_backward_with_one_output_unused(target, used):
+    backend, dev = target
+    inputs = _residual_inputs((2, 3, 5, 4), torch.float32, "contiguous", dev, requires_grad=True)
+    pick = 0 if used == "out" else 1
+    fused = grads(lambda *a: ops.residual_gate_pool(*a, backend=backend)[pick], inputs)
+    ref = grads(lambda *a: reference.residual_gate_pool(*a)[pick], inputs)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, **grad_tol(torch.float32))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_residual_opcheck(target, layout):
+    backend, dev = target
+    args = _residual_inputs((2, 6, 3, 5), torch.float32, layout, dev, requires_grad=True)
+    torch.library.opcheck(native_ops(backend).residual_gate_pool.default, tuple(args))
+
+
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+def test_residual_opcheck_backward_op(target):
+    dev, shape = target[1], (2, 4, 3, 3)
+    x, b, g = (make(shape, torch.float32, "contiguous", device=dev, seed=s) for s in range(3))
+    args = (g, torch.randn(2, 4, device=dev), x, b, make_k(2, device=dev))
+    torch.library.opcheck(torch.ops.fanet.residual_gate_pool_backward.default, args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_residual_gradcheck_float64(target, layout):
+    backend, dev = target
+    args = _residual_inputs((2, 3, 4, 5), torch.float64, layout, dev, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.residual_gate_pool(*a, backend=backend), tuple(args))
+
+
+def test_residual_bad_branch_names_argument(target):
+    backend, dev = target
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    k = torch.rand(2, device=dev)
+    for branch in (x[:, :2], x.double(), x.to(_other_device(dev)), x[0]):
+        with pytest.raises(BAD_ERRORS, match="'branch'"):
+            ops.residual_gate_pool(x, branch, k, backend=backend)
+        with pytest.raises(BAD_ERRORS, match="'branch'"):
+            native_ops(backend).residual_gate_pool(x, branch, k)
+
+
 # ---- torch.library.opcheck, gradcheck, torch.compile --------------------------------------
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("op", ["gate", "gate_pool", "focus"])

@@ -1,6 +1,7 @@
 """Triton-specific tests: the launch heuristic, the int64-offset path, split reductions, the
 two-kernel focus path and the interpreter-vs-driver guard.  The op contract itself (every op,
-dtype and layout against the reference, opcheck, gradcheck) is tested by test_ops.py.
+dtype and layout against the reference, opcheck, gradcheck) is tested by test_ops.py; the
+residual_gate_pool op pair (the RESIDUAL flag of the gate kernels) is tested here in full.
 
 Without a GPU these run under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1).
 """
@@ -17,7 +18,8 @@ pytest.importorskip("triton")
 
 import fanet_kernels as fk  # noqa: E402
 from fanet_kernels import reference  # noqa: E402
-from op_cases import TOL, make, make_focus_weights, make_k  # noqa: E402
+from op_cases import (DTYPES, LAYOUTS, SHAPES, TOL, grad_tol, grads, k_dtype, make,  # noqa: E402
+                      make_focus_weights, make_k)
 
 if "triton" not in fk.available_backends("cpu") and not torch.cuda.is_available():
     pytest.skip("the triton backend runs neither on CPU (no TRITON_INTERPRET=1) nor on a GPU here",
@@ -32,13 +34,14 @@ OPS = torch.ops.fanet_triton
 
 
 def _check_all_ops(shape, dtype=torch.float32, layouts=("contiguous", "channels_last")):
-    """Forward and gradients of all three ops against the reference."""
+    """Forward and gradients of all the ops against the reference."""
     for layout in layouts:
         x = make(shape, dtype, layout, device=DEVICE, requires_grad=True, seed=0)
         u = make(shape, dtype, layout, device=DEVICE, requires_grad=True, seed=1)
         k = make_k(shape[0], device=DEVICE, requires_grad=True)
         ws = make_focus_weights(shape[1], device=DEVICE, requires_grad=True)
-        for op, args in (("gate", (x, u, k)), ("gate_pool", (x, u, k)), ("focus", (x, *ws))):
+        for op, args in (("gate", (x, u, k)), ("gate_pool", (x, u, k)), ("residual_gate_pool", (x, u, k)),
+                         ("focus", (x, *ws))):
             got = getattr(fk.ops, op)(*args, backend="triton")
             want = getattr(reference, op)(*args)
             got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
@@ -139,9 +142,10 @@ def test_mixed_k_and_weight_dtypes():
     """k and the focus weights may have another floating dtype than x: grads come back in theirs."""
     x = make((2, 4, 3, 3), torch.bfloat16, "channels_last", device=DEVICE, requires_grad=True)
     k = make_k(2, torch.float64, device=DEVICE, requires_grad=True)
-    out, pooled = OPS.gate_pool(x, x.detach(), k)
-    (gk,) = torch.autograd.grad((out.float().sum() + pooled.float().sum()), [k])
-    assert gk.dtype == torch.float64
+    for op in (OPS.gate_pool, OPS.residual_gate_pool):
+        out, pooled = op(x, x.detach(), k)
+        (gk,) = torch.autograd.grad((out.float().sum() + pooled.float().sum()), [k])
+        assert gk.dtype == torch.float64
     ws = make_focus_weights(4, torch.float16, device=DEVICE, requires_grad=True)
     grads = torch.autograd.grad(OPS.focus(x, *ws).float().sum(), [x, *ws])
     assert [g.dtype for g in grads] == [torch.bfloat16] + [torch.float16] * 4
@@ -149,7 +153,9 @@ def test_mixed_k_and_weight_dtypes():
 
 # ---- opcheck of the backward ops (the forward ones are in test_ops.py) ----------------------
 @pytest.mark.parametrize("case", ["gate_backward", "gate_pool_backward", "gate_pool_backward_no_out",
-                                  "gate_pool_backward_no_pooled", "focus_backward"])
+                                  "gate_pool_backward_no_pooled", "residual_gate_pool_backward",
+                                  "residual_gate_pool_backward_no_out", "residual_gate_pool_backward_no_pooled",
+                                  "focus_backward"])
 def test_opcheck_backward_ops(case):
     shape = (2, 4, 3, 3)
     x, u, g = (make(shape, torch.float32, "channels_last", device=DEVICE, seed=s) for s in range(3))
@@ -159,6 +165,9 @@ def test_opcheck_backward_ops(case):
         "gate_pool_backward": (OPS.gate_pool_backward, (g, gp, x, u, k)),
         "gate_pool_backward_no_out": (OPS.gate_pool_backward, (None, gp, x, u, k)),
         "gate_pool_backward_no_pooled": (OPS.gate_pool_backward, (g, None, x, u, k)),
+        "residual_gate_pool_backward": (OPS.residual_gate_pool_backward, (g, gp, x, u, k)),
+        "residual_gate_pool_backward_no_out": (OPS.residual_gate_pool_backward, (None, gp, x, u, k)),
+        "residual_gate_pool_backward_no_pooled": (OPS.residual_gate_pool_backward, (g, None, x, u, k)),
         "focus_backward": (OPS.focus_backward, (torch.randn(2, device=DEVICE), x, *make_focus_weights(4, device=DEVICE))),
     }[case]
     torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -173,6 +182,164 @@ def test_backward_ops_match_the_cpp_ops():
     for go, gpo in ((g, gp), (None, gp), (g, None)):
         for a, b in zip(OPS.gate_pool_backward(go, gpo, x, u, k), torch.ops.fanet.gate_pool_backward(go, gpo, x, u, k)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(OPS.residual_gate_pool_backward(go, gpo, x, u, k),
+                        torch.ops.fanet.residual_gate_pool_backward(go, gpo, x, u, k)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(OPS.residual_gate_pool(x, u, k), torch.ops.fanet.residual_gate_pool(x, u, k)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---- residual_gate_pool: gate_pool with u = relu(branch + x) formed in the kernels -------------
+# Small cases (the interpreter is slow): one sample, one channel, 1x1 maps, odd H x W, empty batch.
+RESIDUAL_SHAPES = ["N0", "N1", "C1", "HW1", "13x17"]
+
+
+def _residual_inputs(shape, dtype, layout, requires_grad=False, margin=0.0):
+    """x, branch, k; with a margin, branch is moved so that |branch + x| >= margin (away from
+    the ReLU's kink, for finite differences)."""
+    x = make(shape, dtype, layout, device=DEVICE, seed=0)
+    b = make(shape, dtype, layout, device=DEVICE, seed=1)
+    if margin:
+        with torch.no_grad():
+            b += torch.where((b + x).abs() < margin, 2 * margin, 0).to(dtype)
+    k = make_k(shape[0], k_dtype(dtype), device=DEVICE)
+    return [t.requires_grad_(requires_grad) for t in (x, b, k)]
+
+
+def _expected_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("sname", RESIDUAL_SHAPES)
+def test_residual_forward_matches_reference(sname, dname, layout):
+    dtype, shape = DTYPES[dname], SHAPES[sname]
+    x, b, k = _residual_inputs(shape, dtype, layout)
+    out, pooled = fk.ops.residual_gate_pool(x, b, k, backend="triton")
+    raw_out, raw_pooled = OPS.residual_gate_pool(x, b, k)
+    ref_out, ref_pooled = reference.residual_gate_pool(x, b, k)
+    for got, want in ((out, ref_out), (raw_out, ref_out), (pooled, ref_pooled), (raw_pooled, ref_pooled)):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    assert out.dtype == pooled.dtype == dtype and pooled.shape == shape[:2]
+    assert out.is_contiguous(memory_format=_expected_format(x))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dname", ["f32", "f64", "bf16"])
+@pytest.mark.parametrize("sname", [s for s in RESIDUAL_SHAPES if s != "N0"])
+def test_residual_backward_matches_reference(sname, dname, layout):
+    dtype = DTYPES[dname]
+    inputs = _residual_inputs(SHAPES[sname], dtype, layout, requires_grad=True)
+    fused = grads(lambda *a: fk.ops.residual_gate_pool(*a, backend="triton"), inputs)
+    ref = grads(reference.residual_gate_pool, inputs)
+    for i, (a, b) in enumerate(zip(fused, ref)):
+        tol = TOL[dtype] if i < 2 else grad_tol(dtype)  # grad_x, grad_branch per element; grad_k a sum
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {i} of residual_gate_pool: {m}")
+        assert a.dtype == inputs[i].dtype
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dname", ["f32", "f64", "bf16"])
+def test_residual_backward_op_with_missing_grads(dname, layout):
+    """The backward op with grad_out or grad_pooled None (an output unused) equals autograd of the
+    reference with a zero gradient for that output."""
+    dtype = DTYPES[dname]
+    x, b, k = _residual_inputs((2, 3, 5, 3), dtype, layout, requires_grad=True)
+    ref_out, ref_pooled = reference.residual_gate_pool(x, b, k)
+    g = make(x.shape, dtype, layout, device=DEVICE, seed=3)
+    gp = torch.randn(2, 3, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    for go, gpo in ((g, gp), (None, gp), (g, None)):
+        got = OPS.residual_gate_pool_backward(go, gpo, x.detach(), b.detach(), k.detach())
+        want = torch.autograd.grad((ref_out, ref_pooled), (x, b, k), retain_graph=True,
+                                   grad_outputs=(torch.zeros_like(g) if go is None else go,
+                                                 torch.zeros_like(gp) if gpo is None else gpo))
+        for i, (a, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, w, **(TOL[dtype] if i < 2 else grad_tol(dtype)))
+        assert got[0].is_contiguous(memory_format=_expected_format(x))
+    for pick in (0, 1):  # autograd through the op with one output unused
+        fused = grads(lambda *a: OPS.residual_gate_pool(*a)[pick], [x, b, k])
+        ref = grads(lambda *a: reference.residual_gate_pool(*a)[pick], [x, b, k])
+        for i, (a, w) in enumerate(zip(fused, ref)):
+            torch.testing.assert_close(a, w, **(TOL[dtype] if i < 2 else grad_tol(dtype)))
+
+
+@pytest.mark.parametrize("dname", ["f32", "bf16"])
+def test_residual_relu_boundary_and_nan(dname):
+    """torch's ReLU rule: u = 0 and grad_branch = 0 where branch + x == 0 exactly; NaN passes
+    through both (as relu and threshold_backward let it)."""
+    dtype = DTYPES[dname]
+    x, b, k = _residual_inputs((2, 3, 4, 5), dtype, "contiguous")
+    with torch.no_grad():
+        b[:, :, :2] = -x[:, :, :2]  # branch + x == +0 exactly
+        b[1, 2, 3, 4] = float("nan")
+    x, b, k = (t.requires_grad_() for t in (x, b, k))
+    out, pooled = OPS.residual_gate_pool(x, b, k)
+    ref_out, ref_pooled = reference.residual_gate_pool(x, b, k)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(pooled, ref_pooled, **TOL[dtype], equal_nan=True)
+    assert out[1, 2, 3, 4].isnan() and pooled[1, 2].isnan() and not pooled[0].isnan().any()
+    g = make(x.shape, dtype, "contiguous", device=DEVICE, seed=3)
+    got = torch.autograd.grad(out, (x, b, k), g)
+    want = torch.autograd.grad(ref_out, (x, b, k), g)
+    for i, (a, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, w, **(TOL[dtype] if i < 2 else grad_tol(dtype)), equal_nan=True)
+    gb = got[1]
+    assert (gb[:, :, :2] == 0).all()
+    torch.testing.assert_close(gb[1, 2, 3, 4], (g[1, 2, 3, 4].float() * k[1].float()).to(dtype))
+    assert got[2][1].isnan() and not got[2][0].isnan()  # grad_k of the sample holding the NaN
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_residual_opcheck(layout):
+    x, b, k = _residual_inputs((2, 6, 3, 5), torch.float32, layout, requires_grad=True)
+    torch.library.opcheck(OPS.residual_gate_pool.default, (x, b, k))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_residual_gradcheck_float64(layout):
+    inputs = _residual_inputs((2, 2, 3, 3), torch.float64, layout, requires_grad=True, margin=1e-3)
+    assert torch.autograd.gradcheck(lambda *a: fk.ops.residual_gate_pool(*a, backend="triton"), inputs)
+
+
+def _bad_residual_cases(dev: str):
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    b, k = torch.randn_like(x), torch.rand(2, device=dev)
+    return {
+        "branch shape": ((x, b[:, :2], k), "'branch'"),
+        "branch 3-D": ((x, b[0], k), "'branch'"),
+        "branch dtype": ((x, b.double(), k), "'branch'"),
+        "branch integer": ((x, b.long(), k), "'branch'"),
+        "branch device": ((x, b.to("meta"), k), "'branch'"),
+        "k shape": ((x, b, torch.rand(3, device=dev)), "'k'"),
+        "x 3-D": ((x[0], b, k), "'x'"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_residual_cases("cpu")))
+def test_residual_bad_input_names_argument(case):
+    """Errors name 'branch' (not 'u'), from the Python entry, the raw forward and backward ops and
+    their fake kernels (meta tensors)."""
+    args, name = _bad_residual_cases(DEVICE)[case]
+    g = torch.randn(2, 3, 4, 4, device=DEVICE)
+    calls = [lambda: fk.ops.residual_gate_pool(*args, backend="triton"), lambda: OPS.residual_gate_pool(*args),
+             lambda: OPS.residual_gate_pool_backward(g, None, *args)]
+    if all(t.device.type != "meta" for t in args):  # the fake kernels see the same arguments on meta
+        meta = [t.to("meta") for t in args]
+        calls += [lambda: OPS.residual_gate_pool(*meta),
+                  lambda: OPS.residual_gate_pool_backward(g.to("meta"), None, *meta)]
+    for call in calls:
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=name):
+            call()
+
+
+def test_residual_backend_entry():
+    """The Backend exposes the fused op (not the add + ReLU + gate_pool fallback of ops.py)."""
+    assert ft.BACKEND.residual_gate_pool is not None
+    x, b, k = _residual_inputs((1, 2, 3, 3), torch.float32, "contiguous")
+    out = ft.BACKEND.residual_gate_pool(x, b, k)
+    assert isinstance(out, tuple) and len(out) == 2
 
 
 # ---- the interpreter-vs-driver guard ---------------------------------------------------------
@@ -248,15 +415,16 @@ for dt, cl, int64 in [("fp32", False, False), ("fp64", True, True), ("bf16", Tru
     i = dict.fromkeys(["numel", "M", "N", "C", "HW", "hw_per", "divisor", "P", "iters", "H1"], "i32")
     compile_(G._gate_flat_kernel, {"x_ptr": x, "u_ptr": x, "k_ptr": a, "out_ptr": x, "numel": "i32", "M": "i32"},
              {"INT64": int64, "BLOCK": 1024, "ACC": acc})
-    for gate in (False, True):
+    for gate, residual in [(False, False), (True, False), (True, True)]:
         compile_(G.pool_kernel, {"x_ptr": x, "u_ptr": x, "k_ptr": a, "out_ptr": x, "sums_ptr": a,
                                  **{k: i[k] for k in ("N", "C", "HW", "hw_per", "divisor")}},
-                 {"GATE": gate, "CHANNELS_LAST": cl, "INT64": int64, "BLOCK_C": 64 if cl else 4,
+                 {"GATE": gate, "RESIDUAL": residual, "CHANNELS_LAST": cl, "INT64": int64, "BLOCK_C": 64 if cl else 4,
                   "BLOCK_HW": 32 if cl else 512, "ACC": acc})
-    for has_g, fold in [(True, True), (False, True), (True, False)]:
+    for (has_g, fold), residual in itertools.product([(True, True), (False, True), (True, False)], (False, True)):
         compile_(G._gate_bwd_kernel, {"g_ptr": x, "gp_ptr": a, "x_ptr": x, "u_ptr": x, "k_ptr": a, "gx_ptr": x,
                                       "gu_ptr": x, "partial_ptr": a, **{k: i[k] for k in ("M", "C", "HW", "P", "iters")}},
-                 {"HAS_G": has_g, "FOLD": fold, "CHANNELS_LAST": cl, "INT64": int64, "BLOCK": 1024, "ACC": acc})
+                 {"HAS_G": has_g, "FOLD": fold, "RESIDUAL": residual, "CHANNELS_LAST": cl, "INT64": int64,
+                  "BLOCK": 1024, "ACC": acc})
     compile_(Fo._focus_fused_kernel, {"x_ptr": x, "l_ptr": a, "w1_ptr": a, "b1_ptr": a, "w2_ptr": a, "b2_ptr": a,
                                       "k_ptr": x, "C": "i32", "HW": "i32", "H1": "i32"},
              {"CHANNELS_LAST": cl, "INT64": int64, "BLOCK_C": 64, "BLOCK_HW": 32, "BLOCK_H": 8, "BLOCK_CM": 256,

@@ -21,17 +21,19 @@ inline void check_float(const at::Tensor& t, const char* name) {
 }
 
 // x, u: (N, C, H, W), same shape, dtype and device, H*W >= 1; k: (N,), floating, same device.
-inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k) {
+// u_name: the second argument's name in messages ("branch" for the residual op).
+inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k,
+                            const char* u_name = "u") {
   TORCH_CHECK_VALUE(x.dim() == 4, "fanet: argument 'x' must be 4-D (N, C, H, W), got ", x.dim(),
               "-D with shape ", shape_str(x));
   check_float(x, "x");
-  TORCH_CHECK_VALUE(u.dim() == 4, "fanet: argument 'u' must be 4-D (N, C, H, W) like x, got ", u.dim(),
+  TORCH_CHECK_VALUE(u.dim() == 4, "fanet: argument '", u_name, "' must be 4-D (N, C, H, W) like x, got ", u.dim(),
               "-D with shape ", shape_str(u));
-  TORCH_CHECK_VALUE(u.sizes() == x.sizes(), "fanet: argument 'u' must have the shape of x ",
+  TORCH_CHECK_VALUE(u.sizes() == x.sizes(), "fanet: argument '", u_name, "' must have the shape of x ",
               shape_str(x), ", got ", shape_str(u));
-  TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), "fanet: argument 'u' must have the dtype of x (",
+  TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), "fanet: argument '", u_name, "' must have the dtype of x (",
               x.scalar_type(), "), got ", u.scalar_type());
-  TORCH_CHECK_VALUE(u.device() == x.device(), "fanet: argument 'u' must be on the device of x (",
+  TORCH_CHECK_VALUE(u.device() == x.device(), "fanet: argument '", u_name, "' must be on the device of x (",
               x.device(), "), got ", u.device());
   TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "fanet: argument 'x' must have H*W >= 1, got shape ",
               shape_str(x));
@@ -99,15 +101,20 @@ inline at::ScalarType acc_dtype(at::ScalarType st) {
 }
 
 // Checked gate inputs in the layout the kernels run in, k in the accumulation dtype.
+// residual: u holds a residual branch B and the kernels weight towards relu(B + x)
+// (fa_math.h, residual_output).
 struct GateInputs {
   at::Tensor x, u, k;
   at::MemoryFormat fmt;
+  bool residual = false;
 };
 
-inline GateInputs prepare_gate(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k) {
-  check_gate_args(x, u, k);
+inline GateInputs prepare_gate(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k,
+                               const char* u_name = "u") {
+  check_gate_args(x, u, k, u_name);
   const auto fmt = kernel_memory_format(x);
-  return {in_format(x, fmt), in_format(u, fmt), k.to(acc_dtype(x.scalar_type())).contiguous(), fmt};
+  return {in_format(x, fmt), in_format(u, fmt), k.to(acc_dtype(x.scalar_type())).contiguous(), fmt,
+          /*residual=*/false};
 }
 
 // Focus weights in the accumulation dtype of x, contiguous (they are tiny).
@@ -137,8 +144,8 @@ struct GateBackwardInputs {
 inline GateBackwardInputs prepare_gate_backward(const std::optional<at::Tensor>& grad_out,
                                                 const std::optional<at::Tensor>& grad_pooled,
                                                 const at::Tensor& x, const at::Tensor& u,
-                                                const at::Tensor& k) {
-  auto in = prepare_gate(x, u, k);
+                                                const at::Tensor& k, const char* u_name = "u") {
+  auto in = prepare_gate(x, u, k, u_name);
   const bool has_g = grad_out.has_value() && grad_out->defined();
   if (has_g) check_grad_like(*grad_out, x, "grad_out");
   at::Tensor g = has_g ? in_format(grad_out->to(x.scalar_type()), in.fmt) : at::zeros_like(in.x);

@@ -51,6 +51,41 @@ FANET_HD T gate_grad_k_term(T g, T x, T u) {
   return g * (u - x);
 }
 
+// ---- residual weighting: the block's add and ReLU inside the gate ---------------------
+// A residual block with an identity shortcut outputs U = relu(B + X) (B: its residual
+// branch).  The residual ops take B instead of U and form U on the fly, so the block's
+// add, its ReLU and their backward passes cost no extra sweep over memory.
+
+// Comparison and selection, which SIMD vectors spell differently from scalars: this
+// primary template serves float/double (CPU scalars, CUDA registers); csrc/cpu/fa_cpu.cpp
+// specializes it for at::vec::Vectorized.
+template <typename T>
+struct Select {
+  // v where r > 0 or r is NaN, else 0: torch's threshold(r, 0, 0) rule, which relu and
+  // its backward (threshold_backward) follow.
+  static FANET_HD T unless_nonpositive(T r, T v) { return r <= T(0) ? T(0) : v; }
+};
+
+// U = relu(B + X), as the block computes it (b + x, in that order).
+template <typename T>
+FANET_HD T residual_output(T x, T b) {
+  const T r = b + x;
+  return Select<T>::unless_nonpositive(r, r);
+}
+
+// d out / d B: grad_u = g * k passes where B + X > 0.
+template <typename T>
+FANET_HD T residual_grad_branch(T g, T k, T x, T b) {
+  return Select<T>::unless_nonpositive(b + x, gate_grad_u(g, k));
+}
+
+// d out / d X: through the weighting (g - g*k) and through the identity shortcut (grad_b),
+// summed in the order autograd of the reference sums them.
+template <typename T>
+FANET_HD T residual_grad_x(T g, T k, T grad_b) {
+  return gate_grad_x(g, k) + grad_b;
+}
+
 // ---- focus MLP: k' = sigmoid(w2 . relu(w1 . l + b1) + b2) --------------------------
 
 FANET_HD float exp_(float v) { return expf(v); }
@@ -84,44 +119,29 @@ FANET_HD T focus_hidden_grad(T grad_z, T w2, T h) {
   return h > T(0) ? grad_z * w2 : T(0);
 }
 
-// The whole focus MLP for one sample, serial over the hidden units, built from the
-// pieces above: the CPU kernels use it; the CUDA kernels spread the same pieces over a
-// thread block per sample.  l has C entries,
-// w1 is (H1, C) row-major, w2 has H1 entries; hidden (H1 entries) receives relu(.).
-// Returns k'.
+// The focus MLP of one sample after its dot products, built from the pieces above.  The
+// dot products w1 . l are a matrix product over all samples (BLAS on the CPU); the CUDA
+// kernels spread the same pieces over a thread block per sample instead.  On entry hidden
+// (H1 entries) holds w1 . l, on exit relu(w1 . l + b1).  Returns k'.
 template <typename T, typename W>
-FANET_HD T focus_mlp_forward(const T* l, int64_t C, const W* w1, const W* b1, int64_t H1,
-                             const W* w2, const W* b2, T* hidden) {
-  T z = T(b2[0]);
+FANET_HD T focus_mlp_head(T* hidden, const W* b1, int64_t H1, const W* w2, const W* b2) {
+  T z = T(0);
   for (int64_t j = 0; j < H1; ++j) {
-    T dot = T(0);
-    const W* row = w1 + j * C;
-    for (int64_t c = 0; c < C; ++c) dot += T(row[c]) * l[c];
-    const T h = focus_hidden(dot, T(b1[j]));
+    const T h = focus_hidden(hidden[j], T(b1[j]));
     hidden[j] = h;
     z += T(w2[j]) * h;
   }
-  return sigmoid(z);
+  return sigmoid(T(b2[0]) + z);
 }
 
-// Backward of focus_mlp_forward for one sample, given k' and the hidden activations it
-// produced.  Writes grad_hidden (H1: the gradient of each pre-activation, i.e. of b1)
-// and grad_l (C), and returns the gradient of z (i.e. of b2).  The weight gradients
-// are the outer products grad_hidden x l and grad_z x hidden, summed over samples by
-// the caller in a fixed order.
+// Backward of focus_mlp_head for one sample, given k' and the hidden activations it
+// produced: writes grad_hidden (H1: the gradient of each pre-activation, i.e. of b1) and
+// returns the gradient of z (i.e. of b2).  grad_l = grad_hidden . w1 and the weight
+// gradients are matrix products over the samples, taken by the caller.
 template <typename T, typename W>
-FANET_HD T focus_mlp_backward(T grad_k, T k, int64_t C, const W* w1, int64_t H1, const W* w2,
-                              const T* hidden, T* grad_hidden, T* grad_l) {
+FANET_HD T focus_mlp_head_backward(T grad_k, T k, const T* hidden, const W* w2, int64_t H1, T* grad_hidden) {
   const T grad_z = sigmoid_grad(k, grad_k);
-  for (int64_t c = 0; c < C; ++c) grad_l[c] = T(0);
-  for (int64_t j = 0; j < H1; ++j) {
-    const T gh = focus_hidden_grad(grad_z, T(w2[j]), hidden[j]);
-    grad_hidden[j] = gh;
-    if (gh != T(0)) {
-      const W* row = w1 + j * C;
-      for (int64_t c = 0; c < C; ++c) grad_l[c] += gh * T(row[c]);
-    }
-  }
+  for (int64_t j = 0; j < H1; ++j) grad_hidden[j] = focus_hidden_grad(grad_z, T(w2[j]), hidden[j]);
   return grad_z;
 }
 

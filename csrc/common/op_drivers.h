@@ -8,8 +8,12 @@
 //       // undefined, else backward (fills hidden, grad_z, grad_h, grad_l; k unused)
 //   static void broadcast_pool_grad(const at::Tensor& grad_l, const at::Tensor& gx, at::MemoryFormat fmt);
 //       // gx[n, c, h, w] = grad_l[n, c] / HW in layout fmt
+//   static at::Tensor gate(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k);
+//   static std::tuple<at::Tensor, at::Tensor> gate_pool(const GateInputs&);
+//       // (out, pooled) of checked inputs; with in.residual, u is a branch B and U = relu(B + x)
 //   static std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward(const GateBackwardInputs&, const at::Tensor& k);
-//       // (grad_x, grad_u, grad_k) of the weighting, grad_pooled folded in when defined
+//       // (grad_x, grad_u, grad_k) of the weighting, grad_pooled folded in when defined;
+//       // with b.in.residual (grad_x, grad_branch, grad_k), grad_x including the shortcut's share
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,6 +38,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_pool_backward_op(const std::
                                                                      const at::Tensor& x, const at::Tensor& u,
                                                                      const at::Tensor& k) {
   return Device::gate_backward(prepare_gate_backward(grad_out, grad_pooled, x, u, k), k);
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> gate_pool_op(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k) {
+  return Device::gate_pool(prepare_gate(x, u, k));
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> residual_gate_pool_op(const at::Tensor& x, const at::Tensor& branch,
+                                                         const at::Tensor& k) {
+  auto in = prepare_gate(x, branch, k, "branch");
+  in.residual = true;
+  return Device::gate_pool(in);
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_gate_pool_backward_op(
+    const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_pooled, const at::Tensor& x,
+    const at::Tensor& branch, const at::Tensor& k) {
+  auto b = prepare_gate_backward(grad_out, grad_pooled, x, branch, k, "branch");
+  b.in.residual = true;
+  return Device::gate_backward(b, k);
 }
 
 template <typename Device>
@@ -71,14 +97,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> focus_bac
   return {gx, gw1, gb1, gw2, gb2};
 }
 
-// Registers the six ops of a device backend: m.impl for every schema of csrc/fanet.cpp.
-template <typename Device, typename Gate, typename GatePool>
-void register_ops(torch::Library& m, Gate gate, GatePool gate_pool) {
-  m.impl("gate", gate);
-  m.impl("gate_pool", gate_pool);
+// Registers the ops of a device backend: m.impl for every schema of csrc/fanet.cpp.
+template <typename Device>
+void register_ops(torch::Library& m) {
+  m.impl("gate", &Device::gate);
+  m.impl("gate_pool", &gate_pool_op<Device>);
+  m.impl("residual_gate_pool", &residual_gate_pool_op<Device>);
   m.impl("focus", &focus_op<Device>);
   m.impl("gate_backward", &gate_backward_op<Device>);
   m.impl("gate_pool_backward", &gate_pool_backward_op<Device>);
+  m.impl("residual_gate_pool_backward", &residual_gate_pool_backward_op<Device>);
   m.impl("focus_backward", &focus_backward_op<Device>);
 }
 

@@ -60,6 +60,14 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, kN>& v) {
   *reinterpret_cast<Pack<T, kN>*>(p) = v;
 }
 
+// out = gate(x, u, k) in acc_t; with kResidual, u is a branch B and the gate weights towards
+// U = relu(B + x) (not rounded to scalar_t).
+template <bool kResidual, typename acc_t>
+__device__ __forceinline__ acc_t gate_value(acc_t x, acc_t u, acc_t k) {
+  if constexpr (kResidual) u = math::residual_output(x, u);
+  return math::gate(x, u, k);
+}
+
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Butterfly sum over the 32 lanes: every lane ends with the total, in a fixed order.
@@ -88,18 +96,20 @@ __device__ __forceinline__ T block_sum(T v, T* scratch /* kWarps entries */) {
 // n = b / chunks, in the tensors' own memory order (NCHW or NHWC: the sample index is outermost
 // in both).  Forward writes out = gate(x, u, k[n]).  Backward reads grad_out (g), folds
 // grad_pooled / HW in when kFold, writes grad_x and grad_u, and leaves the block's sum of
-// g * (u - x) in partial[b].
+// g * (u - x) in partial[b].  Backward with kResidual (residual_gate_pool): u holds the branch B,
+// U = relu(B + x) is formed in registers, grad_u receives grad_B and grad_x the shortcut's share too.
 //
 // With kFold the chunk is a whole number of rows (NHWC: multiples of C) or planes (NCHW:
 // multiples of HW, chunk_c planes per chunk), so each thread finds its channel with 32-bit
 // arithmetic and then steps it; a 64-bit division (a called routine) makes ptxas spill.
-template <typename scalar_t, int kVec, bool kBackward, bool kFold, bool kChannelsLast>
+template <typename scalar_t, int kVec, bool kBackward, bool kFold, bool kChannelsLast, bool kResidual>
 __global__ void __launch_bounds__(kThreads) gate_kernel(
     const scalar_t* __restrict__ g, const at::opmath_type<scalar_t>* __restrict__ gp,
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ u,
     const at::opmath_type<scalar_t>* __restrict__ k, scalar_t* __restrict__ out0,
     scalar_t* __restrict__ out1, at::opmath_type<scalar_t>* __restrict__ partial, int64_t C,
     int64_t HW, int64_t chunk, int64_t chunks, int64_t chunk_c, int64_t step_c, int64_t step_r) {
+  static_assert(kBackward || !kResidual, "the residual forward runs in the pool kernels");
   using acc_t = at::opmath_type<scalar_t>;
   // Block decomposition in 32 bits: the launch checks the grid fits in 2^31 blocks.
   const uint32_t block = blockIdx.x;
@@ -156,9 +166,17 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
             ++c;
           }
         }
-        gx.v[j] = scalar_t(math::gate_grad_x(gv, kn));
-        gu.v[j] = scalar_t(math::gate_grad_u(gv, kn));
-        s += math::gate_grad_k_term(gv, acc_t(xp.v[j]), acc_t(up.v[j]));
+        const acc_t xv = acc_t(xp.v[j]), uv = acc_t(up.v[j]);
+        if constexpr (kResidual) {
+          const acc_t gb = math::residual_grad_branch(gv, kn, xv, uv);
+          gx.v[j] = scalar_t(math::residual_grad_x(gv, kn, gb));
+          gu.v[j] = scalar_t(gb);
+          s += math::gate_grad_k_term(gv, xv, math::residual_output(xv, uv));
+        } else {
+          gx.v[j] = scalar_t(math::gate_grad_x(gv, kn));
+          gu.v[j] = scalar_t(math::gate_grad_u(gv, kn));
+          s += math::gate_grad_k_term(gv, xv, uv);
+        }
       }
       store_pack<kVec>(out0 + base + i, gx);
       store_pack<kVec>(out1 + base + i, gu);
@@ -187,13 +205,15 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
 // ---- pooling, NCHW: one group of threads per (n, c) plane ------------------------------------
 //
 // kGate: out = gate(x, u, k[n]) is written and pooled (gate_pool); otherwise x is pooled
-// (focus).  `group` threads share a plane: 32 (one warp, several planes per block) for small
+// (focus); kResidual (with kGate): u holds a residual branch B and the gate weights towards
+// relu(B + x).  `group` threads share a plane: 32 (one warp, several planes per block) for small
 // planes, kThreads for large ones.  pooled[p] = mean of the plane, in acc_t.
-template <typename scalar_t, int kVec, bool kGate>
+template <typename scalar_t, int kVec, bool kGate, bool kResidual>
 __global__ void __launch_bounds__(kThreads) pool_nchw_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ u,
     const at::opmath_type<scalar_t>* __restrict__ k, scalar_t* __restrict__ out,
     at::opmath_type<scalar_t>* __restrict__ pooled, int64_t planes, int64_t C, int64_t HW, int group) {
+  static_assert(kGate || !kResidual, "kResidual needs kGate");
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t p = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
   const int t = threadIdx.x % group;
@@ -210,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) pool_nchw_kernel(
         Pack<scalar_t, kVec> op;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const acc_t o = math::gate(acc_t(xp.v[j]), acc_t(up.v[j]), kn);
+          const acc_t o = gate_value<kResidual>(acc_t(xp.v[j]), acc_t(up.v[j]), kn);
           op.v[j] = scalar_t(o);
           s += o;  // the mean of the un-rounded out
         }
@@ -241,13 +261,15 @@ __global__ void __launch_bounds__(kThreads) pool_nchw_kernel(
 // Block threads form a tx-by-ty grid: tx threads across a tile of tx * kVec channels (one pack
 // each), ty threads down the rows.  The block walks rows [split * rows, (split + 1) * rows),
 // sums each channel down its rows in shared memory in a fixed order, and writes
-// partial[n, split, c]; sum_splits_kernel then adds the splits.
-template <typename scalar_t, int kVec, bool kGate>
+// partial[n, split, c]; sum_splits_kernel then adds the splits.  kGate, kResidual: as for
+// pool_nchw_kernel.
+template <typename scalar_t, int kVec, bool kGate, bool kResidual>
 __global__ void __launch_bounds__(kThreads) pool_nhwc_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ u,
     const at::opmath_type<scalar_t>* __restrict__ k, scalar_t* __restrict__ out,
     at::opmath_type<scalar_t>* __restrict__ partial, int64_t C, int64_t HW, int64_t ctiles,
     int64_t splits, int64_t rows, int tx) {
+  static_assert(kGate || !kResidual, "kResidual needs kGate");
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t red[kThreads * kVec];
   const uint32_t block = blockIdx.x;  // grid < 2^31 blocks: 32-bit decomposition
@@ -271,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) pool_nhwc_kernel(
         Pack<scalar_t, kVec> op;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const acc_t o = math::gate(acc_t(xp.v[j]), acc_t(up.v[j]), kn);
+          const acc_t o = gate_value<kResidual>(acc_t(xp.v[j]), acc_t(up.v[j]), kn);
           op.v[j] = scalar_t(o);
           s[j] += o;
         }
@@ -403,6 +425,15 @@ void with_pack_width(bool can_vec, F&& f) {
     f(std::integral_constant<int, 1>{});
 }
 
+// Calls f(std::integral_constant<bool, flag>{}): a runtime flag as a template argument.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 template <typename scalar_t>
 constexpr int pack_width() {
   return 16 / sizeof(scalar_t);
@@ -419,10 +450,11 @@ inline unsigned stride_grid(int64_t work, int64_t per_thread) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads * per_thread), 1 << 16)));
 }
 
-// pooled[n, c] (acc dtype) = mean over H, W of x, or of gate(x, u, k) written to out when kGate.
+// pooled[n, c] (acc dtype) = mean over H, W of x, or of gate(x, u, k) written to out when kGate
+// (with `residual`, u is a branch B and the gate weights towards relu(B + x)).
 template <bool kGate>
 void run_pool(const Tensor& x, const Tensor& u, const Tensor& k, const Tensor& out, const Tensor& pooled,
-              at::MemoryFormat fmt) {
+              at::MemoryFormat fmt, bool residual = false) {
   const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_pool_cuda", [&] {
@@ -433,32 +465,42 @@ void run_pool(const Tensor& x, const Tensor& u, const Tensor& k, const Tensor& o
     scalar_t* op = kGate ? out.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* pp = pooled.mutable_data_ptr<acc_t>();
     const bool ptrs_ok = aligned16(xp) && (!kGate || (aligned16(up) && aligned16(op)));
-    if (fmt == at::MemoryFormat::ChannelsLast) {
-      with_pack_width<scalar_t>(ptrs_ok && C % pack_width<scalar_t>() == 0, [&](auto vec) {
-        constexpr int kVec = decltype(vec)::value;
-        int tx = 1;  // threads across channels: enough for C, at most a warp
-        while (tx < kWarp && tx * kVec < C) tx *= 2;
-        const int64_t rows = (kThreads / tx) * kRowsPerThread;
-        const int64_t ctiles = ceil_div(C, int64_t(tx) * kVec), splits = ceil_div(HW, rows);
-        Tensor partial = at::empty({N, splits, C}, pooled.options());
-        pool_nhwc_kernel<scalar_t, kVec, kGate><<<grid_for(N * ctiles * splits), kThreads, 0, stream>>>(
-            xp, up, kp, op, partial.mutable_data_ptr<acc_t>(), C, HW, ctiles, splits, rows, tx);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        sum_splits_kernel<acc_t><<<stride_grid(N * C, 1), kThreads, 0, stream>>>(
-            partial.const_data_ptr<acc_t>(), pp, N, splits, C, acc_t(1) / acc_t(HW));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    } else {
-      with_pack_width<scalar_t>(ptrs_ok && HW % pack_width<scalar_t>() == 0, [&](auto vec) {
-        constexpr int kVec = decltype(vec)::value;
-        // A warp per plane while a plane is at most a few packs per lane, else a block.
-        const int group = HW <= int64_t(kWarp) * kVec * 4 ? kWarp : kThreads;
-        const int64_t planes = N * C;
-        pool_nchw_kernel<scalar_t, kVec, kGate><<<grid_for(ceil_div(planes, kThreads / group)), kThreads, 0,
-                                                  stream>>>(xp, up, kp, op, pp, planes, C, HW, group);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
+    const auto run = [&](auto residual_tag) {
+      constexpr bool kResidual = decltype(residual_tag)::value;
+      if (fmt == at::MemoryFormat::ChannelsLast) {
+        with_pack_width<scalar_t>(ptrs_ok && C % pack_width<scalar_t>() == 0, [&](auto vec) {
+          constexpr int kVec = decltype(vec)::value;
+          int tx = 1;  // threads across channels: enough for C, at most a warp
+          while (tx < kWarp && tx * kVec < C) tx *= 2;
+          const int64_t rows = (kThreads / tx) * kRowsPerThread;
+          const int64_t ctiles = ceil_div(C, int64_t(tx) * kVec), splits = ceil_div(HW, rows);
+          Tensor partial = at::empty({N, splits, C}, pooled.options());
+          pool_nhwc_kernel<scalar_t, kVec, kGate, kResidual>
+              <<<grid_for(N * ctiles * splits), kThreads, 0, stream>>>(
+                  xp, up, kp, op, partial.mutable_data_ptr<acc_t>(), C, HW, ctiles, splits, rows, tx);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          sum_splits_kernel<acc_t><<<stride_grid(N * C, 1), kThreads, 0, stream>>>(
+              partial.const_data_ptr<acc_t>(), pp, N, splits, C, acc_t(1) / acc_t(HW));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      } else {
+        with_pack_width<scalar_t>(ptrs_ok && HW % pack_width<scalar_t>() == 0, [&](auto vec) {
+          constexpr int kVec = decltype(vec)::value;
+          // A warp per plane while a plane is at most a few packs per lane, else a block.
+          const int group = HW <= int64_t(kWarp) * kVec * 4 ? kWarp : kThreads;
+          const int64_t planes = N * C;
+          pool_nchw_kernel<scalar_t, kVec, kGate, kResidual>
+              <<<grid_for(ceil_div(planes, kThreads / group)), kThreads, 0, stream>>>(xp, up, kp, op, pp, planes, C,
+                                                                                     HW, group);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
+    };
+    // The residual kernels exist with kGate only (focus pools x alone).
+    if constexpr (kGate)
+      with_flag(residual, run);
+    else
+      run(std::false_type{});
   });
 }
 
@@ -478,7 +520,7 @@ Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) {
     const bool vec = aligned16(xp) && aligned16(up) && aligned16(op) && (C * HW) % pack_width<scalar_t>() == 0;
     with_pack_width<scalar_t>(vec, [&](auto v) {
       constexpr int kVec = decltype(v)::value;
-      gate_kernel<scalar_t, kVec, false, false, false><<<grid_for(N * chunks), kThreads, 0, stream>>>(
+      gate_kernel<scalar_t, kVec, false, false, false, false><<<grid_for(N * chunks), kThreads, 0, stream>>>(
           nullptr, nullptr, xp, up, in.k.const_data_ptr<acc_t>(), op, nullptr, nullptr, C, HW, kChunk, chunks, 0,
           0, 0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -487,12 +529,13 @@ Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) {
   return out;
 }
 
-std::tuple<Tensor, Tensor> gate_pool(const Tensor& x, const Tensor& u, const Tensor& k) {
-  const auto in = prepare_gate(x, u, k);
+// gate_pool and residual_gate_pool (in.residual) on checked inputs.
+std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in) {
+  const Tensor& x = in.x;
   const at::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty(x.sizes(), x.options().memory_format(in.fmt));
   Tensor pooled = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
-  if (x.numel() > 0) run_pool<true>(in.x, in.u, in.k, out, pooled, in.fmt);
+  if (x.numel() > 0) run_pool<true>(in.x, in.u, in.k, out, pooled, in.fmt, in.residual);
   return {out, pooled.to(x.scalar_type())};
 }
 
@@ -522,7 +565,8 @@ void run_focus_mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden,
   });
 }
 
-// Shared by gate_backward and gate_pool_backward (b.gp undefined: no pooled gradient).
+// Shared by the gate backward ops (b.gp undefined: no pooled gradient; b.in.residual: u is a
+// residual branch, the second result grad_branch).
 std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& b, const Tensor& k) {
   const auto& in = b.in;
   const Tensor &g = b.g, &gp = b.gp;
@@ -568,12 +612,15 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
                                                               chunks, chunk_c, step_c, step_r);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (!fold)
-        launch(gate_kernel<scalar_t, kVec, true, false, false>);
-      else if (cl)
-        launch(gate_kernel<scalar_t, kVec, true, true, true>);
-      else
-        launch(gate_kernel<scalar_t, kVec, true, true, false>);
+      with_flag(in.residual, [&](auto residual_tag) {
+        constexpr bool kResidual = decltype(residual_tag)::value;
+        if (!fold)
+          launch(gate_kernel<scalar_t, kVec, true, false, false, kResidual>);
+        else if (cl)
+          launch(gate_kernel<scalar_t, kVec, true, true, true, kResidual>);
+        else
+          launch(gate_kernel<scalar_t, kVec, true, true, false, kResidual>);
+      });
     });
     // Per-sample sum of the per-chunk partials, in chunk order: deterministic.
     sum_splits_kernel<acc_t><<<stride_grid(N, 1), kThreads, 0, stream>>>(
@@ -606,6 +653,8 @@ void broadcast_pool_grad(const Tensor& grad_l, const Tensor& gx, at::MemoryForma
 // The kernels of this device, for the shared drivers of csrc/common/op_drivers.h.
 struct Device {
   static at::cuda::CUDAGuard guard(const Tensor& x) { return at::cuda::CUDAGuard(x.device()); }
+  static Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return cuda::gate(x, u, k); }
+  static std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in) { return cuda::gate_pool(in); }
   static Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) { return cuda::pool_acc(x, fmt); }
   static void mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden, const Tensor& k,
                   const Tensor& grad_k, const Tensor& grad_z, const Tensor& grad_h, const Tensor& grad_l) {
@@ -625,7 +674,7 @@ struct Device {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fanet, CUDA, m) {
-  register_ops<Device>(m, &gate, &gate_pool);
+  register_ops<Device>(m);
 }
 
 }  // namespace cuda

@@ -2,8 +2,8 @@
 
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
 set before this package is first imported), which is how CI tests it without a GPU.
-Kernel families: ``fanet_kernels.triton.gate`` (gate, gate_pool and their backward ops) and
-``fanet_kernels.triton.focus``.
+Kernel families: ``fanet_kernels.triton.gate`` (gate, gate_pool, residual_gate_pool and their
+backward ops) and ``fanet_kernels.triton.focus``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ def _gate_pool(x, u, k):
     return tuple(gate.gate_pool(x, u, k))
 
 
+def _residual_gate_pool(x, branch, k):
+    return tuple(gate.residual_gate_pool(x, branch, k))
+
+
 BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
-                  gate=gate.gate, gate_pool=_gate_pool, focus=focus.focus)
+                  gate=gate.gate, gate_pool=_gate_pool, focus=focus.focus,
+                  residual_gate_pool=_residual_gate_pool)
 
 __all__ = ["AUTOTUNE", "BACKEND", "INTERPRET", "focus", "gate"]

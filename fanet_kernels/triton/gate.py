@@ -1,4 +1,6 @@
-"""Triton kernels for ``gate`` and ``gate_pool`` and their backward ops (SPEC §4).
+"""Triton kernels for ``gate``, ``gate_pool`` and ``residual_gate_pool`` and their backward ops
+(SPEC §4).  The residual op is gate_pool with u = relu(branch + x) formed in the kernels: a
+RESIDUAL flag of the gate_pool kernels, not kernels of its own.
 
 Also holds what the Triton backend's kernel families share: the interpreter/driver guard,
 the launch heuristic, the int64-offset rule and the channel-block pool kernel that focus
@@ -163,11 +165,20 @@ def _gate_flat_kernel(x_ptr, u_ptr, k_ptr, out_ptr, numel, M,
 
 
 @triton.jit
+def residual_output(xv, bv):
+    """u = relu(b + x) with torch's rule (0 where b + x <= 0; NaN passes), and the mask b + x <= 0."""
+    r = bv + xv
+    off = r <= 0
+    return tl.where(off, 0, r), off
+
+
+@triton.jit
 def tile_sum(x_ptr, u_ptr, out_ptr, kn, base, c, c_mask, C, HW, hw_lo, hw_hi,
              GATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+             BLOCK_HW: tl.constexpr, ACC: tl.constexpr, RESIDUAL: tl.constexpr = False):
     """Sum over positions [hw_lo, hw_hi) of channels c (BLOCK_C of them) of one sample at base:
-    of out = gate(x, u, kn), which it also writes, if GATE, else of x.  Returns (BLOCK_C,)."""
+    of out = gate(x, u, kn), which it also writes, if GATE, else of x.  Returns (BLOCK_C,).
+    If RESIDUAL, u_ptr holds the residual branch b and u = relu(b + x)."""
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         hw = (hw0 + tl.arange(0, BLOCK_HW)).to(c.dtype)  # int64 when c is (large tensors)
@@ -179,6 +190,8 @@ def tile_sum(x_ptr, u_ptr, out_ptr, kn, base, c, c_mask, C, HW, hw_lo, hw_hi,
         v = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
         if GATE:
             uv = tl.load(u_ptr + offs, mask=mask, other=0).to(ACC)
+            if RESIDUAL:
+                uv, _ = residual_output(v, uv)
             v = v + (uv - v) * kn
             tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
             v = tl.where(mask, v, 0)
@@ -189,11 +202,12 @@ def tile_sum(x_ptr, u_ptr, out_ptr, kn, base, c, c_mask, C, HW, hw_lo, hw_hi,
 @maybe_autotune(key=["C", "HW"])
 @triton.jit
 def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, N, C, HW, hw_per, divisor,
-                GATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+                GATE: tl.constexpr, RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
     """Program (n * channel blocks + block, split): channel sums of out = gate(x, u, k) (writing
     out) if GATE, else of x, over the split's positions, divided by `divisor` (H*W for the means
-    when there is one split, 1 for partial sums), into sums[split, n, c]."""
+    when there is one split, 1 for partial sums), into sums[split, n, c].  RESIDUAL: u_ptr holds
+    the branch b, u = relu(b + x)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     blocks = tl.cdiv(C, BLOCK_C)
@@ -209,18 +223,21 @@ def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, N, C, HW, hw_per, diviso
     hw_lo = split * hw_per
     hw_hi = tl.minimum(hw_lo + hw_per, HW)
     s = tile_sum(x_ptr, u_ptr, out_ptr, kn, n * C * HW, c, c_mask, C, HW, hw_lo, hw_hi,
-                 GATE, CHANNELS_LAST, BLOCK_C, BLOCK_HW, ACC)
+                 GATE, CHANNELS_LAST, BLOCK_C, BLOCK_HW, ACC, RESIDUAL)
     tl.store(sums_ptr + (split * N + n) * C + c, (s / divisor).to(sums_ptr.dtype.element_ty), mask=c_mask)
 
 
 @maybe_autotune(key=["M", "C", "HW"])
 @triton.jit
 def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial_ptr, M, C, HW, P, iters,
-                     HAS_G: tl.constexpr, FOLD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                     INT64: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                     HAS_G: tl.constexpr, FOLD: tl.constexpr, RESIDUAL: tl.constexpr,
+                     CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+                     ACC: tl.constexpr):
     """Program (n, p) sweeps elements [p*iters*BLOCK, (p+1)*iters*BLOCK) of sample n once: g =
     grad_out (+ grad_pooled[n, c] / HW, pre-divided, if FOLD), writes grad_x = g - g*k and
-    grad_u = g*k, and its partial sum of g * (u - x) into partial[n, p]."""
+    grad_u = g*k, and its partial sum of g * (u - x) into partial[n, p].  RESIDUAL: u_ptr holds
+    the branch b, u = relu(b + x), grad_b = g*k where b + x > 0 (or NaN) else 0, and grad_x gets
+    grad_b added (the identity shortcut), in the order of math::residual_grad_x."""
     pid = tl.program_id(0)
     n = pid // P
     p = pid % P
@@ -248,8 +265,14 @@ def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial
                 c = j // HW
             g += tl.load(gp_ptr + n * C + c, mask=mask, other=0)
         gk = g * kn
-        tl.store(gx_ptr + offs, (g - gk).to(gx_ptr.dtype.element_ty), mask=mask)
-        tl.store(gu_ptr + offs, gk.to(gu_ptr.dtype.element_ty), mask=mask)
+        gu = gk
+        gx = g - gk
+        if RESIDUAL:
+            uv, off = residual_output(xv, uv)
+            gu = tl.where(off, 0, gk)
+            gx = gx + gu
+        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=mask)
         s += g * (uv - xv)
     tl.store(partial_ptr + pid, tl.sum(s, axis=0))
 
@@ -261,9 +284,11 @@ def in_kernel_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
 
 
 def channel_sums(x: torch.Tensor, u: Optional[torch.Tensor], k: Optional[torch.Tensor],
-                 out: Optional[torch.Tensor], fmt: torch.memory_format, dtype: torch.dtype) -> torch.Tensor:
+                 out: Optional[torch.Tensor], fmt: torch.memory_format, dtype: torch.dtype,
+                 residual: bool = False) -> torch.Tensor:
     """Channel means (N, C) in `dtype` of gate(x, u, k) (writing it to out) if u is given, else of
-    x: one pass over x (and u).  x, u, out are in layout fmt; k is contiguous in the acc dtype."""
+    x: one pass over x (and u).  x, u, out are in layout fmt; k is contiguous in the acc dtype.
+    residual: u is a residual branch and the gate's target is relu(u + x)."""
     n, c, h, w = x.shape
     hw = h * w
     cl = fmt == torch.channels_last
@@ -277,15 +302,20 @@ def channel_sums(x: torch.Tensor, u: Optional[torch.Tensor], k: Optional[torch.T
     grid = (n * triton.cdiv(c, cfg.block_c), cfg.split)
     launch(pool_kernel, grid, x, u if gate else x, k if gate else x, out if gate else x, sums,
            n, c, hw, cfg.hw_per, hw if cfg.split == 1 else 1,
-           GATE=gate, CHANNELS_LAST=cl, INT64=need_int64(x.numel()), BLOCK_C=cfg.block_c,
-           BLOCK_HW=cfg.block_hw, ACC=acc_tl(x.dtype), num_warps=cfg.num_warps)
+           GATE=gate, RESIDUAL=residual, CHANNELS_LAST=cl, INT64=need_int64(x.numel()),
+           BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, ACC=acc_tl(x.dtype), num_warps=cfg.num_warps)
     if cfg.split == 1:
         return sums[0]
     return (sums.sum(0) / hw).to(dtype)
 
 
-def _prepare(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor):
-    _validate.check_gate(x, u, k)
+def _u_name(residual: bool) -> str:
+    """The second argument's name in error messages."""
+    return "branch" if residual else "u"
+
+
+def _prepare(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, u_name: str = "u"):
+    _validate.check_gate(x, u, k, u_name)
     check_device(x)
     fmt = _validate.out_memory_format(x)
     return in_kernel_format(x, fmt), in_kernel_format(u, fmt), k.to(_validate.acc_dtype(x.dtype)).contiguous(), fmt
@@ -302,10 +332,12 @@ def _gate_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _gate_pool_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x, u, ka, fmt = _prepare(x, u, k)
+def _gate_pool_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
+                    residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_pool; residual_gate_pool (u is the branch) if residual."""
+    x, u, ka, fmt = _prepare(x, u, k, _u_name(residual))
     out = _validate.empty_out(x)
-    pooled = channel_sums(x, u, ka, out, fmt, x.dtype)
+    pooled = channel_sums(x, u, ka, out, fmt, x.dtype, residual)
     return out, pooled
 
 
@@ -318,8 +350,8 @@ def _check_grad_like(g: torch.Tensor, x: torch.Tensor, name: str) -> None:
 
 
 def _check_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor],
-                    x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> None:
-    _validate.check_gate(x, u, k)
+                    x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, u_name: str = "u") -> None:
+    _validate.check_gate(x, u, k, u_name)
     if grad_out is not None:
         _check_grad_like(grad_out, x, "grad_out")
     if grad_pooled is not None:
@@ -332,10 +364,12 @@ def _check_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torc
 
 
 def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor],
-                        x: torch.Tensor, u: torch.Tensor, k: torch.Tensor):
-    _check_backward(grad_out, grad_pooled, x, u, k)
+                        x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, residual: bool = False):
+    """Backward of gate_pool (of gate without grad_pooled); of residual_gate_pool (u is the
+    branch) if residual."""
+    _check_backward(grad_out, grad_pooled, x, u, k, _u_name(residual))
     kdtype = k.dtype
-    x, u, ka, fmt = _prepare(x, u, k)
+    x, u, ka, fmt = _prepare(x, u, k, _u_name(residual))
     acc = ka.dtype
     gx, gu = _validate.empty_out(x), _validate.empty_out(x)
     n, c, h, w = x.shape
@@ -348,8 +382,8 @@ def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[
         gp = (grad_pooled.to(acc) / hw).contiguous() if grad_pooled is not None else ka
         launch(_gate_bwd_kernel, (n * per_sample,), g, gp, x, u, ka, gx, gu, partial, m, c, hw,
                per_sample, iters, HAS_G=grad_out is not None, FOLD=grad_pooled is not None,
-               CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(x.numel()), BLOCK=block,
-               ACC=acc_tl(x.dtype), num_warps=warps_for(block))
+               RESIDUAL=residual, CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(x.numel()),
+               BLOCK=block, ACC=acc_tl(x.dtype), num_warps=warps_for(block))
     # Per-sample sum of the per-program partials, in program order: deterministic.
     return gx, gu, partial.sum(1).to(kdtype)
 
@@ -365,6 +399,12 @@ def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.
     return _gate_pool_impl(x, u, k)
 
 
+@torch.library.custom_op("fanet_triton::residual_gate_pool", mutates_args=())
+def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor,
+                       k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gate_pool_impl(x, branch, k, residual=True)
+
+
 @torch.library.custom_op("fanet_triton::gate_backward", mutates_args=())
 def gate_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
                   k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -377,6 +417,13 @@ def gate_pool_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[t
     return _gate_backward_impl(grad_out, grad_pooled, x, u, k)
 
 
+@torch.library.custom_op("fanet_triton::residual_gate_pool_backward", mutates_args=())
+def residual_gate_pool_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor],
+                                x: torch.Tensor, branch: torch.Tensor,
+                                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gate_backward_impl(grad_out, grad_pooled, x, branch, k, residual=True)
+
+
 @gate.register_fake
 def _(x, u, k):
     _validate.check_gate(x, u, k)
@@ -386,6 +433,12 @@ def _(x, u, k):
 @gate_pool.register_fake
 def _(x, u, k):
     _validate.check_gate(x, u, k)
+    return _validate.empty_out(x), x.new_empty((x.shape[0], x.shape[1]))
+
+
+@residual_gate_pool.register_fake
+def _(x, branch, k):
+    _validate.check_gate(x, branch, k, "branch")
     return _validate.empty_out(x), x.new_empty((x.shape[0], x.shape[1]))
 
 
@@ -401,6 +454,12 @@ def _(grad_out, grad_pooled, x, u, k):
     return _validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape)
 
 
+@residual_gate_pool_backward.register_fake
+def _(grad_out, grad_pooled, x, branch, k):
+    _check_backward(grad_out, grad_pooled, x, branch, k, "branch")
+    return _validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape)
+
+
 def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -413,5 +472,10 @@ def _gate_pool_bwd(ctx, grad_out, grad_pooled):
     return gate_pool_backward(grad_out, grad_pooled, *ctx.saved_tensors)
 
 
+def _residual_gate_pool_bwd(ctx, grad_out, grad_pooled):
+    return residual_gate_pool_backward(grad_out, grad_pooled, *ctx.saved_tensors)
+
+
 gate.register_autograd(_gate_bwd, setup_context=_save_inputs)
 gate_pool.register_autograd(_gate_pool_bwd, setup_context=_save_inputs)
+residual_gate_pool.register_autograd(_residual_gate_pool_bwd, setup_context=_save_inputs)

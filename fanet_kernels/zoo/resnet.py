@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modules import ResidualBlock
 from ._common import StagedNet, conv_bn, maybe_se
 
 DEPTHS = (20, 32, 44, 56, 110)
@@ -17,7 +18,7 @@ def default_se_reduction(depth: int) -> int:
     return 4 if depth == 20 else 8
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     """3x3 conv-BN-ReLU, 3x3 conv-BN, [SE], + shortcut, ReLU.  The shortcut where shapes change is
     a 3x3 conv (stride 2) + BN, also the stage-level projection P of FA (SPEC §2)."""
 
@@ -30,12 +31,10 @@ class BasicBlock(nn.Module):
         self.se = maybe_se(cout, se_reduction)
         self.shortcut = conv_bn(cin, cout, 3, stride, 1) if stride != 1 or cin != cout else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.se is not None:
-            out = self.se(out)
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return out if self.se is None else self.se(out)
 
 
 class CifarResNet(StagedNet):

@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modules import ResidualBlock
 from ._common import StagedNet, conv_bn, maybe_se
 
 
-class ResNeXtBlock(nn.Module):
+class ResNeXtBlock(ResidualBlock):
     """1x1 conv-BN-ReLU, grouped 3x3 conv-BN-ReLU, 1x1 conv-BN, [SE], + shortcut (1x1 conv + BN
     where shapes change), ReLU."""
 
@@ -26,13 +27,11 @@ class ResNeXtBlock(nn.Module):
         self.se = maybe_se(cout, se_reduction)
         self.shortcut = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn_reduce(self.conv_reduce(x)))
         out = F.relu(self.bn(self.conv_conv(out)))
         out = self.bn_expand(self.conv_expand(out))
-        if self.se is not None:
-            out = self.se(out)
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return out if self.se is None else self.se(out)
 
 
 class CifarResNeXt(StagedNet):
