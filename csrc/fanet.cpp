@@ -27,6 +27,9 @@ TORCH_LIBRARY(fanet, m) {
   m.def("residual_gate_pool(Tensor x, Tensor branch, Tensor k) -> (Tensor, Tensor)", tags);
   // k'[n] = sigmoid(w2 . relu(w1 . mean_hw(x[n]) + b1) + b2)
   m.def("focus(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", tags);
+  // The MLP head alone on inputs l (N, C): k[n] = sigmoid(w2 . relu(w1 . l[n] + b1) + b2).  FA's
+  // focus MLP on a pool a gate already wrote, and its association MLP on the k history.
+  m.def("mlp(Tensor l, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", tags);
 
   // Backward ops: -> (grad_x, grad_u, grad_k)
   m.def("gate_backward(Tensor grad_out, Tensor x, Tensor u, Tensor k) -> (Tensor, Tensor, Tensor)",
@@ -44,6 +47,11 @@ TORCH_LIBRARY(fanet, m) {
   // -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
   m.def(
       "focus_backward(Tensor grad_k, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
+  // -> (grad_l, grad_w1, grad_b1, grad_w2, grad_b2)
+  m.def(
+      "mlp_backward(Tensor grad_k, Tensor l, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       tags);
 }

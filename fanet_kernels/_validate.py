@@ -50,9 +50,21 @@ def check_focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     check_float(x, "x")
     _need(x.dim() == 4, f"argument 'x' must be 4-D (N, C, H, W), got {x.dim()}-D with shape {_shape(x)}")
     _need(x.shape[2] * x.shape[3] >= 1, f"argument 'x' must have H*W >= 1, got shape {_shape(x)}")
+    _check_mlp_weights(x, "x", w1, b1, w2, b2)
+
+
+def check_mlp(l: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+    """l: (N, C); the weights as for check_focus."""
+    check_float(l, "l")
+    _need(l.dim() == 2, f"argument 'l' must be 2-D (N, C), got {l.dim()}-D with shape {_shape(l)}")
+    _check_mlp_weights(l, "l", w1, b1, w2, b2)
+
+
+def _check_mlp_weights(inp: torch.Tensor, inp_name: str, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                       b2: torch.Tensor) -> None:
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         check_float(t, name)
-    c = x.shape[1]
+    c = inp.shape[1]
     _need(w1.dim() == 2 and w1.shape[1] == c and w1.shape[0] >= 1,
           f"argument 'w1' must have shape (H1, C) with C = {c}, got {_shape(w1)}")
     h1 = w1.shape[0]
@@ -63,7 +75,8 @@ def check_focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
         if t.dtype != w1.dtype:
             raise TypeError(f"fanet: argument '{name}' must have the dtype of w1 ({w1.dtype}), got {t.dtype}")
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        _need(t.device == x.device, f"argument '{name}' must be on the device of x ({x.device}), got {t.device}")
+        _need(t.device == inp.device,
+              f"argument '{name}' must be on the device of {inp_name} ({inp.device}), got {t.device}")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -7,6 +7,10 @@ with P = the ``downsample`` shortcut of their first block (reused, no new weight
 stages hand ``(x, history)`` to each other, so the model's own forward (which calls layer1 ..
 layerN in a row) is unchanged and stays ``torch.compile(fullgraph=True)``-able.
 
+torchvision's ``BasicBlock`` and ``Bottleneck`` become :class:`~fanet_kernels.modules.ResidualBlock`
+subclasses of themselves (same modules, keys and results; ``isinstance`` still holds), so the FA
+chains fold their add and ReLU into the gate (``fanet::residual_gate_pool``).
+
 Weights: every original state_dict key keeps its name, so ``model.load_state_dict(original,
 strict=False)`` loads all pretrained weights and reports as ``missing_keys`` exactly the new
 keys (``layerN.fa.*``, ``layerN.stage_fa.*`` and, with ``se=True``, ``...bnK.se.*``), with no
@@ -19,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .modules import FAStage, SEBlock, out_channels
+from .modules import FAStage, ResidualBlock, SEBlock, out_channels
 
 
 class BatchNorm2dSE(nn.BatchNorm2d):
@@ -38,6 +42,48 @@ def _add_se(block: nn.Module, r: int) -> None:
                         f"got {type(bn).__name__}")
     bn.__class__ = BatchNorm2dSE  # same parameters and buffers, same keys
     bn.se = SEBlock(bn.num_features, r).to(device=bn.weight.device, dtype=bn.weight.dtype)
+
+
+# torchvision's blocks, up to their final add and ReLU (torchvision/models/resnet.py).
+def _basic_branch(self, x: torch.Tensor) -> torch.Tensor:
+    return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+
+def _bottleneck_branch(self, x: torch.Tensor) -> torch.Tensor:
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    return self.bn3(self.conv3(out))
+
+
+_BRANCHES = {"BasicBlock": _basic_branch, "Bottleneck": _bottleneck_branch}
+_RESIDUAL: dict[str, type] = {}  # "Torchvision<Block>" -> the ResidualBlock subclass of torchvision's <Block>
+
+
+def _residual_class(block_name: str) -> type:
+    """``Torchvision<block_name>``: torchvision's block as a ResidualBlock (branch + its
+    ``downsample`` as the shortcut).  Made on first use, so importing fanet_kernels does not
+    import torchvision; found by name through the module ``__getattr__`` (pickle)."""
+    name = "Torchvision" + block_name
+    if name not in _RESIDUAL:
+        from torchvision.models import resnet as tv
+
+        _RESIDUAL[name] = type(name, (ResidualBlock, getattr(tv, block_name)), {
+            "__module__": __name__, "__doc__": f"torchvision's {block_name} as a ResidualBlock.",
+            "branch": _BRANCHES[block_name], "forward": ResidualBlock.forward,
+            "shortcut": property(lambda self: self.downsample)})
+    return _RESIDUAL[name]
+
+
+def __getattr__(name: str):
+    if name.startswith("Torchvision") and name[len("Torchvision"):] in _BRANCHES:
+        return _residual_class(name[len("Torchvision"):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _make_residual(block: nn.Module) -> None:
+    cls = type(block)
+    if cls.__module__ == "torchvision.models.resnet" and cls.__name__ in _BRANCHES:
+        block.__class__ = _residual_class(cls.__name__)  # same parameters and buffers, same keys
 
 
 def _stage_names(model: nn.Module) -> list[str]:
@@ -61,9 +107,10 @@ def apply_fa(model: nn.Module, se: bool = False, r1: int = 4, r2: int = 4, se_re
     ref = next(model.parameters())
     for s, name in enumerate(names):
         layer = getattr(model, name)
-        if se:
-            for block in layer:
+        for block in layer:
+            if se:
                 _add_se(block, se_reduction)
+            _make_residual(block)
         stage = FAStage(layer, index=s, channels=[out_channels(b) for b in list(layer)[:-1]],
                         stage_channels=out_channels(layer[-1]), proj="auto" if s else None,
                         last=s == len(names) - 1, r1=r1, r2=r2, backend=backend)

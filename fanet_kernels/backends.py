@@ -36,6 +36,7 @@ class Backend:
     gate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     focus: Callable[..., torch.Tensor]
     residual_gate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    mlp: Callable[..., torch.Tensor]  # the MLP head of focus and association on (N, C) inputs
     # True when the ops check their arguments themselves (the C++ ops, with the messages of
     # _validate): the Python-side checks are then skipped, saving ~8 us per call.
     checks_args: bool = False

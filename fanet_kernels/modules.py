@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import ops
 
 __all__ = ["FAOutput", "FAGate", "FASequential", "FAStage", "FAStages", "ResidualBlock", "SEBlock",
            "collect_k", "out_channels"]
@@ -73,9 +73,9 @@ class FAGate(nn.Module):
         if pooled_x is None:
             k = ops.focus(x, w["w1"], w["b1"], w["w2"], w["b2"], backend=self.backend)
         else:
-            k = reference.focus_mlp(pooled_x, w["w1"], w["b1"], w["w2"], w["b2"])
-        if self.index >= 2:
-            k = reference.associate(hist, k, w["w3"], w["b3"], w["w4"], w["b4"])
+            k = ops.mlp(pooled_x, w["w1"], w["b1"], w["w2"], w["b2"], backend=self.backend)
+        if self.index >= 2:  # association (reference.associate), as one op
+            k = ops.mlp(torch.stack([*hist, k], dim=1), w["w3"], w["b3"], w["w4"], w["b4"], backend=self.backend)
         if residual:
             out, pooled = ops.residual_gate_pool(x, u, k, backend=self.backend)
         else:

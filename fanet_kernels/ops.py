@@ -50,6 +50,17 @@ if HAS_EXTENSION:
         _validate.check_focus(x, w1, b1, w2, b2)
         return x.new_empty((x.shape[0],))
 
+    @torch.library.register_fake("fanet::mlp")
+    def _mlp_fake(l, w1, b1, w2, b2):
+        _validate.check_mlp(l, w1, b1, w2, b2)
+        return l.new_empty((l.shape[0],))
+
+    @torch.library.register_fake("fanet::mlp_backward")
+    def _mlp_backward_fake(grad_k, l, w1, b1, w2, b2):
+        _validate.check_mlp(l, w1, b1, w2, b2)
+        return (torch.empty_like(l, memory_format=torch.contiguous_format), w1.new_empty(w1.shape),
+                b1.new_empty(b1.shape), w2.new_empty(w2.shape), b2.new_empty(b2.shape))
+
     @torch.library.register_fake("fanet::gate_backward")
     def _gate_backward_fake(grad_out, x, u, k):
         _validate.check_gate(x, u, k)
@@ -90,17 +101,22 @@ if HAS_EXTENSION:
     def _focus_bwd(ctx, grad_k):
         return torch.ops.fanet.focus_backward(grad_k, *ctx.saved_tensors)
 
+    def _mlp_bwd(ctx, grad_k):
+        return torch.ops.fanet.mlp_backward(grad_k, *ctx.saved_tensors)
+
     torch.library.register_autograd("fanet::gate", _gate_bwd, setup_context=_save_inputs)
     torch.library.register_autograd("fanet::gate_pool", _gate_pool_bwd, setup_context=_save_inputs)
     torch.library.register_autograd("fanet::residual_gate_pool", _residual_gate_pool_bwd,
                                     setup_context=_save_inputs)
     torch.library.register_autograd("fanet::focus", _focus_bwd, setup_context=_save_inputs)
+    torch.library.register_autograd("fanet::mlp", _mlp_bwd, setup_context=_save_inputs)
 
     def _compiled_backend(name: str, devices: tuple[str, ...]) -> backends.Backend:
         return backends.Backend(
             name=name, devices=devices, gate=torch.ops.fanet.gate.default,
             gate_pool=torch.ops.fanet.gate_pool.default, focus=torch.ops.fanet.focus.default,
-            residual_gate_pool=torch.ops.fanet.residual_gate_pool.default, checks_args=True,
+            residual_gate_pool=torch.ops.fanet.residual_gate_pool.default, mlp=torch.ops.fanet.mlp.default,
+            checks_args=True,
         )
 
     BACKENDS = {"cpu": _compiled_backend("cpu", ("cpu",))}
@@ -159,3 +175,16 @@ def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
     if not impl.checks_args:
         _validate.check_focus(x, w1, b1, w2, b2)
     return impl.focus(x, w1, b1, w2, b2)
+
+
+def mlp(l: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,
+        backend: Optional[str] = None) -> torch.Tensor:
+    """The MLP head ``k[n] = sigmoid(w2 . relu(w1 . l[n] + b1) + b2)`` on inputs ``l`` (N, C), shape
+    (N,), as one op with one backward op: FA's focus MLP on a pool that a gate already wrote, and
+    its association MLP on the k history (many tiny ATen calls and autograd nodes otherwise)."""
+    if not isinstance(l, torch.Tensor):
+        raise TypeError(f"fanet: argument 'l' must be a torch.Tensor, got {type(l).__name__}")
+    impl = backends.resolve(backend, l.device)
+    if not impl.checks_args:
+        _validate.check_mlp(l, w1, b1, w2, b2)
+    return impl.mlp(l, w1, b1, w2, b2)

@@ -40,8 +40,7 @@ def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor,
 
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """Focus (paper eqs. 5-7): the focused attention k' of shape (N,), from x's channel means."""
-    pooled = x.to(_acc(x.dtype)).mean(dim=(2, 3))
-    return focus_mlp(pooled, w1, b1, w2, b2).to(x.dtype)
+    return mlp(x.to(_acc(x.dtype)).mean(dim=(2, 3)), w1, b1, w2, b2).to(x.dtype)
 
 
 def _gate_acc(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -51,27 +50,24 @@ def _gate_acc(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor
 
 
 # ---- the small networks of one FA module ------------------------------------------------
-def focus_mlp(pooled: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-              b2: torch.Tensor) -> torch.Tensor:
-    """F_in of the focus step on channel means ``pooled`` (N, C): sigmoid(W2 relu(W1 l + b1) + b2),
-    shape (N,), in pooled's dtype (weights are cast to it)."""
-    dt = pooled.dtype
-    hidden = F.relu(F.linear(pooled, w1.to(dt), b1.to(dt)))
-    return torch.sigmoid(F.linear(hidden, w2.to(dt), b2.to(dt))).squeeze(1)
+def mlp(l: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """The MLP head ``sigmoid(W2 relu(W1 l + b1) + b2)`` on inputs ``l`` (N, C), shape (N,): the focus
+    step's F_in on channel means, and the association step on the k history.  Computed in the
+    accumulation dtype, returned in l's dtype (the ``fanet::mlp`` op)."""
+    acc = _acc(l.dtype)
+    hidden = F.relu(F.linear(l.to(acc), w1.to(acc), b1.to(acc)))
+    return torch.sigmoid(F.linear(hidden, w2.to(acc), b2.to(acc))).squeeze(1).to(l.dtype)
 
 
 def associate(history: list[torch.Tensor], k_focus: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
               w4: torch.Tensor, b4: torch.Tensor) -> torch.Tensor:
     """Association (paper eq. 8) for block i = len(history) + 1 >= 2: s' = [k_1 .. k_{i-1}, k'_i]
     (N, i) -> sigmoid(W4 relu(W3 s' + b3) + b4), shape (N,).  W3 is (r2*i, i) (SPEC §1)."""
-    s = torch.stack([*history, k_focus], dim=1)
-    dt = s.dtype
-    hidden = F.relu(F.linear(s, w3.to(dt), b3.to(dt)))
-    return torch.sigmoid(F.linear(hidden, w4.to(dt), b4.to(dt))).squeeze(1)
+    return mlp(torch.stack([*history, k_focus], dim=1), w3, b3, w4, b4)
 
 
 BACKEND = Backend(name="reference", devices=("cpu", "cuda", "meta", "mps", "xpu"),
-                  gate=gate, gate_pool=gate_pool, focus=focus, residual_gate_pool=residual_gate_pool)
+                  gate=gate, gate_pool=gate_pool, focus=focus, residual_gate_pool=residual_gate_pool, mlp=mlp)
 
 
 # ---- SPEC §1 / §2: one FA block, a chain, the stage level, with explicit weights --------
@@ -86,7 +82,7 @@ def fa_weight(i: int, x: torch.Tensor, u: torch.Tensor, history: list[torch.Tens
     if pooled_x is None:
         k = focus(x, params["w1"], params["b1"], params["w2"], params["b2"])
     else:
-        k = focus_mlp(pooled_x, params["w1"], params["b1"], params["w2"], params["b2"])
+        k = mlp(pooled_x, params["w1"], params["b1"], params["w2"], params["b2"])
     if i >= 2:
         k = associate(list(history), k, params["w3"], params["b3"], params["w4"], params["b4"])
     start = x if x_proj is None else x_proj

@@ -94,3 +94,29 @@ def test_timm_resnet():
     y = model(torch.randn(2, 3, 32, 32))
     y.sum().backward()
     assert y.shape == (2, 10)
+
+
+def test_torchvision_blocks_fuse_add_and_relu():
+    """torchvision's blocks become ResidualBlocks of themselves: same keys and results, the FA
+    chains run residual_gate_pool, and a pickled model loads back."""
+    import io
+
+    from fanet_kernels.modules import FASequential, ResidualBlock
+
+    torch.manual_seed(1)
+    model = apply_fa(torchvision.models.resnet18()).eval()
+    block = model.layer2[1]
+    assert isinstance(block, ResidualBlock) and isinstance(block, torchvision.models.resnet.BasicBlock)
+    x = torch.randn(2, 3, 64, 64)
+    fused = model(x)
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        if isinstance(m, FASequential):
+            m.fuse_residual = False
+    torch.testing.assert_close(fused, plain(x), atol=1e-5, rtol=1e-5)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), fused)
+    bottleneck = apply_fa(torchvision.models.resnet50()).layer1[1]
+    assert type(bottleneck).__name__ == "TorchvisionBottleneck" and bottleneck.shortcut is None

@@ -239,6 +239,55 @@ def test_residual_bad_branch_names_argument(target):
             native_ops(backend).residual_gate_pool(x, branch, k)
 
 
+# ---- mlp: the MLP head of focus and association on (N, C) inputs ------------------------
+MLP_SHAPES = {"N0": (0, 8), "N1": (1, 3), "C1": (5, 1), "assoc": (7, 4), "focus64": (128, 64), "bigC": (6, 1024)}
+
+
+def _mlp_inputs(shape, dtype, dev, requires_grad=False):
+    g = torch.Generator().manual_seed(3)
+    l = torch.randn(shape, generator=g).to(dtype).to(dev).requires_grad_(requires_grad)
+    return [l, *make_focus_weights(shape[1], k_dtype(dtype), device=dev, requires_grad=requires_grad)]
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("sname", list(MLP_SHAPES))
+def test_mlp_matches_reference(target, sname, dname):
+    (backend, dev), dtype = target, DTYPES[dname]
+    inputs = _mlp_inputs(MLP_SHAPES[sname], dtype, dev, requires_grad=True)
+    k = ops.mlp(*inputs, backend=backend)
+    torch.testing.assert_close(k, reference.mlp(*inputs), **TOL[dtype])
+    assert k.dtype == dtype and k.shape == MLP_SHAPES[sname][:1]
+    if MLP_SHAPES[sname][0] == 0:
+        return
+    fused = grads(lambda *a: ops.mlp(*a, backend=backend), inputs)
+    ref = grads(reference.mlp, inputs)
+    for i, (a, b) in enumerate(zip(fused, ref)):
+        torch.testing.assert_close(a, b, **TOL[dtype] if i == 0 else grad_tol(dtype),
+                                   msg=lambda m: f"gradient {i} of mlp: {m}")
+
+
+def test_mlp_opcheck_and_gradcheck(target):
+    backend, dev = target
+    inputs = _mlp_inputs((3, 5), torch.float64, dev, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.mlp(*a, backend=backend), tuple(inputs))
+    if backend in ("cpu", "cuda"):
+        torch.library.opcheck(torch.ops.fanet.mlp.default, tuple(_mlp_inputs((3, 5), torch.float32, dev, True)))
+        args = (torch.randn(3, device=dev), *_mlp_inputs((3, 5), torch.float32, dev))
+        torch.library.opcheck(torch.ops.fanet.mlp_backward.default, args)
+
+
+def test_mlp_bad_input_names_argument(target):
+    backend, dev = target
+    l, w1, b1, w2, b2 = _mlp_inputs((4, 12), torch.float32, dev)  # H1 = 3
+    cases = {"'l'": (l[0], w1, b1, w2, b2), "'w1'": (l, w1[:, :11], b1, w2, b2), "'b2'": (l, w1, b1, w2, b1)}
+    for name, args in cases.items():
+        with pytest.raises(BAD_ERRORS, match=name):
+            ops.mlp(*args, backend=backend)
+        if backend in ("cpu", "cuda"):
+            with pytest.raises(BAD_ERRORS, match=name):
+                torch.ops.fanet.mlp(*args)
+
+
 # ---- torch.library.opcheck, gradcheck, torch.compile --------------------------------------
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("op", ["gate", "gate_pool", "focus"])

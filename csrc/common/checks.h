@@ -44,15 +44,10 @@ inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::
               x.device(), "), got ", k.device());
 }
 
-// x as for the gate; w1: (H1, C), b1: (H1,), w2: (1, H1), b2: (1,), one floating dtype, x's device.
-inline void check_focus_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                             const at::Tensor& w2, const at::Tensor& b2) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "fanet: argument 'x' must be 4-D (N, C, H, W), got ", x.dim(),
-              "-D with shape ", shape_str(x));
-  check_float(x, "x");
-  TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "fanet: argument 'x' must have H*W >= 1, got shape ",
-              shape_str(x));
-  const int64_t C = x.size(1);
+// The weights of the MLP head sigmoid(w2 . relu(w1 . l + b1) + b2) on C inputs: w1: (H1, C),
+// b1: (H1,), w2: (1, H1), b2: (1,), one floating dtype, on `device`.
+inline void check_mlp_weights(int64_t C, const at::Device& device, const at::Tensor& w1, const at::Tensor& b1,
+                              const at::Tensor& w2, const at::Tensor& b2, const char* input) {
   TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1,
               "fanet: argument 'w1' must have shape (H1, C) with C = ", C, ", got ", shape_str(w1));
   const int64_t H1 = w1.size(0);
@@ -67,9 +62,29 @@ inline void check_focus_args(const at::Tensor& x, const at::Tensor& w1, const at
     check_float(*t, name);
     TORCH_CHECK_TYPE(t->scalar_type() == w1.scalar_type(), "fanet: argument '", name,
                 "' must have the dtype of w1 (", w1.scalar_type(), "), got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == x.device(), "fanet: argument '", name,
-                "' must be on the device of x (", x.device(), "), got ", t->device());
+    TORCH_CHECK_VALUE(t->device() == device, "fanet: argument '", name,
+                "' must be on the device of ", input, " (", device, "), got ", t->device());
   }
+}
+
+// x as for the gate, and the focus MLP's weights.
+inline void check_focus_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                             const at::Tensor& w2, const at::Tensor& b2) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "fanet: argument 'x' must be 4-D (N, C, H, W), got ", x.dim(),
+              "-D with shape ", shape_str(x));
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "fanet: argument 'x' must have H*W >= 1, got shape ",
+              shape_str(x));
+  check_mlp_weights(x.size(1), x.device(), w1, b1, w2, b2, "x");
+}
+
+// l: (N, C) floating, and the MLP's weights.
+inline void check_mlp_args(const at::Tensor& l, const at::Tensor& w1, const at::Tensor& b1,
+                           const at::Tensor& w2, const at::Tensor& b2) {
+  TORCH_CHECK_VALUE(l.dim() == 2, "fanet: argument 'l' must be 2-D (N, C), got ", l.dim(), "-D with shape ",
+              shape_str(l));
+  check_float(l, "l");
+  check_mlp_weights(l.size(1), l.device(), w1, b1, w2, b2, "l");
 }
 
 // The memory format the kernels run in: channels_last when x is laid out that way (and not
@@ -117,18 +132,27 @@ inline GateInputs prepare_gate(const at::Tensor& x, const at::Tensor& u, const a
           /*residual=*/false};
 }
 
-// Focus weights in the accumulation dtype of x, contiguous (they are tiny).
+// MLP weights (focus or association) in the accumulation dtype of its input, contiguous
+// (they are tiny).
 struct FocusWeights {
   at::Tensor w1, b1, w2, b2;
 };
 
-inline FocusWeights prepare_focus_weights(const at::Tensor& x, const at::Tensor& w1,
-                                          const at::Tensor& b1, const at::Tensor& w2,
-                                          const at::Tensor& b2) {
+inline FocusWeights weights_in(at::ScalarType acc, const at::Tensor& w1, const at::Tensor& b1,
+                               const at::Tensor& w2, const at::Tensor& b2) {
+  return {w1.to(acc).contiguous(), b1.to(acc).contiguous(), w2.to(acc).contiguous(), b2.to(acc).contiguous()};
+}
+
+inline FocusWeights prepare_focus_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                          const at::Tensor& w2, const at::Tensor& b2) {
   check_focus_args(x, w1, b1, w2, b2);
-  const auto acc = acc_dtype(x.scalar_type());
-  return {w1.to(acc).contiguous(), b1.to(acc).contiguous(), w2.to(acc).contiguous(),
-          b2.to(acc).contiguous()};
+  return weights_in(acc_dtype(x.scalar_type()), w1, b1, w2, b2);
+}
+
+inline FocusWeights prepare_mlp_weights(const at::Tensor& l, const at::Tensor& w1, const at::Tensor& b1,
+                                        const at::Tensor& w2, const at::Tensor& b2) {
+  check_mlp_args(l, w1, b1, w2, b2);
+  return weights_in(acc_dtype(l.scalar_type()), w1, b1, w2, b2);
 }
 
 // ---- host-side steps of the backward ops, shared by the device backends ------------------
@@ -163,12 +187,12 @@ inline GateBackwardInputs prepare_gate_backward(const std::optional<at::Tensor>&
   return {std::move(in), std::move(g), std::move(gp)};
 }
 
-inline void check_focus_grad(const at::Tensor& grad_k, const at::Tensor& x) {
+inline void check_focus_grad(const at::Tensor& grad_k, const at::Tensor& x, const char* input = "x") {
   TORCH_CHECK_VALUE(grad_k.dim() == 1 && grad_k.size(0) == x.size(0), "fanet: argument 'grad_k' must have shape (",
                     x.size(0), ",), got ", shape_str(grad_k));
   check_float(grad_k, "grad_k");
-  TORCH_CHECK_VALUE(grad_k.device() == x.device(), "fanet: argument 'grad_k' must be on the device of x (",
-                    x.device(), "), got ", grad_k.device());
+  TORCH_CHECK_VALUE(grad_k.device() == x.device(), "fanet: argument 'grad_k' must be on the device of ", input,
+                    " (", x.device(), "), got ", grad_k.device());
 }
 
 // Focus weight gradients from the per-sample MLP backward: sums over the batch as small

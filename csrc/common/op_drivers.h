@@ -62,20 +62,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_gate_pool_backward_op(
   return Device::gate_backward(b, k);
 }
 
+// The MLP head on inputs l (N, C) in the accumulation dtype: k (N,), accumulation dtype.
+template <typename Device>
+at::Tensor mlp_forward(const at::Tensor& l, const FocusWeights& w) {
+  at::Tensor k = at::empty({l.size(0)}, l.options()), hidden = at::empty({l.size(0), w.w1.size(0)}, l.options());
+  Device::mlp(l, w, hidden, k, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor());
+  return k;
+}
+
+// Its backward: (grad_l in the accumulation dtype, grad_w1, grad_b1, grad_w2, grad_b2 in
+// weight_dtype).  The hidden units are recomputed; the weight gradients are small matrix products.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_backward(
+    const at::Tensor& grad_k, const at::Tensor& l, const FocusWeights& w, at::ScalarType weight_dtype) {
+  const int64_t N = l.size(0), C = l.size(1), H1 = w.w1.size(0);
+  const auto opts = l.options();
+  const at::Tensor gk = grad_k.to(l.scalar_type()).contiguous();
+  at::Tensor hidden = at::empty({N, H1}, opts), grad_h = at::empty({N, H1}, opts);
+  at::Tensor grad_z = at::empty({N}, opts), grad_l = at::empty({N, C}, opts);
+  Device::mlp(l, w, hidden, at::Tensor(), gk, grad_z, grad_h, grad_l);
+  auto [gw1, gb1, gw2, gb2] = focus_weight_grads(l, hidden, grad_h, grad_z, weight_dtype);
+  return {grad_l, gw1, gb1, gw2, gb2};
+}
+
 template <typename Device>
 at::Tensor focus_op(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                     const at::Tensor& b2) {
   const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
   [[maybe_unused]] const auto guard = Device::guard(x);
   const auto fmt = kernel_memory_format(x);
-  const at::Tensor l = Device::pool_acc(in_format(x, fmt), fmt);
-  at::Tensor k = at::empty({x.size(0)}, l.options()), hidden = at::empty({x.size(0), w1.size(0)}, l.options());
-  Device::mlp(l, w, hidden, k, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor());
-  return k.to(x.scalar_type());
+  return mlp_forward<Device>(Device::pool_acc(in_format(x, fmt), fmt), w).to(x.scalar_type());
 }
 
-// The pool is recomputed (focus returns only k'), then the MLP backward per sample, then
-// grad_x = grad_l / HW broadcast; the weight gradients are small matrix products.
+// The pool is recomputed (focus returns only k'), then the MLP backward, then grad_x = grad_l / HW
+// broadcast.
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> focus_backward_op(
     const at::Tensor& grad_k, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
@@ -83,18 +103,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> focus_bac
   const auto w = prepare_focus_weights(x, w1, b1, w2, b2);
   check_focus_grad(grad_k, x);
   [[maybe_unused]] const auto guard = Device::guard(x);
-  const int64_t N = x.size(0), C = x.size(1), H1 = w1.size(0);
   const auto fmt = kernel_memory_format(x);
-  const at::Tensor l = Device::pool_acc(in_format(x, fmt), fmt);
-  const auto opts = l.options();
-  const at::Tensor gk = grad_k.to(l.scalar_type()).contiguous();
-  at::Tensor hidden = at::empty({N, H1}, opts), grad_h = at::empty({N, H1}, opts);
-  at::Tensor grad_z = at::empty({N}, opts), grad_l = at::empty({N, C}, opts);
-  Device::mlp(l, w, hidden, at::Tensor(), gk, grad_z, grad_h, grad_l);
+  auto [grad_l, gw1, gb1, gw2, gb2] =
+      mlp_backward<Device>(grad_k, Device::pool_acc(in_format(x, fmt), fmt), w, w1.scalar_type());
   at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (x.numel() > 0) Device::broadcast_pool_grad(grad_l, gx, fmt);
-  auto [gw1, gb1, gw2, gb2] = focus_weight_grads(l, hidden, grad_h, grad_z, w1.scalar_type());
   return {gx, gw1, gb1, gw2, gb2};
+}
+
+// The MLP head alone, on given inputs l (N, C): the focus MLP on a pool that a gate already
+// produced, and the association MLP on the attention history.
+template <typename Device>
+at::Tensor mlp_op(const at::Tensor& l, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                  const at::Tensor& b2) {
+  const auto w = prepare_mlp_weights(l, w1, b1, w2, b2);
+  [[maybe_unused]] const auto guard = Device::guard(l);
+  return mlp_forward<Device>(l.to(acc_dtype(l.scalar_type())).contiguous(), w).to(l.scalar_type());
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_backward_op(
+    const at::Tensor& grad_k, const at::Tensor& l, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2) {
+  const auto w = prepare_mlp_weights(l, w1, b1, w2, b2);
+  check_focus_grad(grad_k, l, "l");
+  [[maybe_unused]] const auto guard = Device::guard(l);
+  auto [grad_l, gw1, gb1, gw2, gb2] =
+      mlp_backward<Device>(grad_k, l.to(acc_dtype(l.scalar_type())).contiguous(), w, w1.scalar_type());
+  return {grad_l.to(l.scalar_type()), gw1, gb1, gw2, gb2};
 }
 
 // Registers the ops of a device backend: m.impl for every schema of csrc/fanet.cpp.
@@ -108,6 +144,8 @@ void register_ops(torch::Library& m) {
   m.impl("gate_pool_backward", &gate_pool_backward_op<Device>);
   m.impl("residual_gate_pool_backward", &residual_gate_pool_backward_op<Device>);
   m.impl("focus_backward", &focus_backward_op<Device>);
+  m.impl("mlp", &mlp_op<Device>);
+  m.impl("mlp_backward", &mlp_backward_op<Device>);
 }
 
 }  // namespace fanet

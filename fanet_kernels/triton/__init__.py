@@ -13,6 +13,7 @@ except ImportError as exc:  # backends.load() reports this as "unavailable"
     raise ImportError("fanet_kernels.triton needs the 'triton' package, which is not installed "
                       f"(pip install triton): {exc}") from exc
 
+from .. import reference
 from ..backends import Backend
 from . import focus, gate  # registers torch.ops.fanet_triton.*
 from .gate import AUTOTUNE, INTERPRET
@@ -28,6 +29,7 @@ def _residual_gate_pool(x, branch, k):
 
 BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
                   gate=gate.gate, gate_pool=_gate_pool, focus=focus.focus,
-                  residual_gate_pool=_residual_gate_pool)
+                  residual_gate_pool=_residual_gate_pool,
+                  mlp=reference.mlp)  # a few tiny matrix products, no pass over activations: plain PyTorch
 
 __all__ = ["AUTOTUNE", "BACKEND", "INTERPRET", "focus", "gate"]
