@@ -193,9 +193,9 @@ def render_network(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
     for model in ("fa_resnet56", "fa_se_resnet56"):
         for impl in (*FUSED_ORDER, "reference"):
             t = meds.get((model, impl))
-            if t is None or base is None:
+            r = paired.get((model, impl)) or (t / base if t is not None and base else None)
+            if r is None:
                 continue
-            r = paired.get((model, impl)) or t / base
             mark = verdict(r, TARGET_NET_OVERHEAD, False) if model == "fa_resnet56" and impl in FUSED_ORDER \
                 else "(for comparison)"
             targets.append(f"- {model} [{impl}] step / ResNet-56 eager step: **{r:.3f}** "
