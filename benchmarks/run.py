@@ -168,6 +168,11 @@ def render_ops(groups: dict[str, dict[str, dict]]) -> tuple[dict[str, list[str]]
     return targets, tables
 
 
+def iqr(info: dict) -> str:
+    q = info.get("paired_iqr")
+    return f" [{q[0]:.3f}–{q[1]:.3f}]" if q else ""
+
+
 def render_network(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
     rows = [b for b in benchmarks if "model" in b.get("extra_info", {})]
     if not rows:
@@ -180,7 +185,7 @@ def render_network(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
         base = meds.get(("resnet56", "compiled" if i["impl"] == "compiled" else "eager"))
         t = b["stats"]["median"]
         table.append(f"| {i['model']} | {i['impl']} | {ms(t)} | {ratio(None if base is None else t / base, 3)} | "
-                     f"{ratio(i.get('paired_time_vs_resnet56'), 3)} | "
+                     f"{ratio(i.get('paired_time_vs_resnet56'), 3)}{iqr(i)} | "
                      f"{i['params']:,} | {100 * i['params_overhead']:.2f}% | {i['macs_per_image']:,} | "
                      f"{100 * i['macs_overhead']:.2f}% |")
     group = rows[0]["group"]
@@ -188,8 +193,9 @@ def render_network(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
     base = meds.get(("resnet56", "eager"))
     paired = {(b["extra_info"]["model"], b["extra_info"]["impl"]): b["extra_info"].get("paired_time_vs_resnet56")
               for b in rows}
-    targets += ["Ratios use the paired measurement (both steps timed alternately) when present, "
-                "else the two rows' medians.", ""]
+    infos = {(b["extra_info"]["model"], b["extra_info"]["impl"]): b["extra_info"] for b in rows}
+    targets += ["Ratios use the paired measurement when present (the median over pairs of steps timed "
+                "back to back, its quartiles in brackets), else the two rows' medians.", ""]
     for model in ("fa_resnet56", "fa_se_resnet56"):
         for impl in (*FUSED_ORDER, "reference"):
             t = meds.get((model, impl))
@@ -198,7 +204,8 @@ def render_network(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
                 continue
             mark = verdict(r, TARGET_NET_OVERHEAD, False) if model == "fa_resnet56" and impl in FUSED_ORDER \
                 else "(for comparison)"
-            targets.append(f"- {model} [{impl}] step / ResNet-56 eager step: **{r:.3f}** "
+            info = infos.get((model, impl), {})
+            targets.append(f"- {model} [{impl}] step / ResNet-56 eager step: **{r:.3f}**{iqr(info)} "
                            f"(target <= {TARGET_NET_OVERHEAD} for the fused FA-ResNet-56) {mark}")
     se = meds.get(("se_resnet56", "eager"))
     for impl in (*FUSED_ORDER, "reference"):
