@@ -31,8 +31,9 @@ class FAGate(nn.Module):
     of the previous gate, i.e. the channel means of x) is given, x is not read again; else the
     fused focus op pools it.  ``x_proj`` = P(x) is the start of the weighting when x and u differ
     in shape (focus stays on x).  ``residual=True``: u is the residual branch B of a block whose
-    output is relu(B + x); the add and the ReLU then run inside the gate (ops.residual_gate_pool).  Parameters: focus1 Linear(C, max(1, C // r1)), focus2 Linear(h1, 1) and, for
-    index >= 2, assoc1 Linear(index, r2 * index), assoc2 Linear(r2 * index, 1).
+    output is relu(B + x); the add and the ReLU then run inside the gate (ops.residual_gate_pool).
+    Parameters: focus1 Linear(C, max(1, C // r1)), focus2 Linear(h1, 1) and, for index >= 2,
+    assoc1 Linear(index, r2 * index), assoc2 Linear(r2 * index, 1).
     """
 
     def __init__(self, channels: int, index: int, r1: int = 4, r2: int = 4, backend: Optional[str] = None):

@@ -133,9 +133,9 @@ else:
 
 
 # ---- public, backend-dispatching functions ----------------------------------------------
-def _backend_for(backend: Optional[str], x: torch.Tensor) -> backends.Backend:
+def _backend_for(backend: Optional[str], x: torch.Tensor, name: str = "x") -> backends.Backend:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"fanet: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"fanet: argument '{name}' must be a torch.Tensor, got {type(x).__name__}")
     return backends.resolve(backend, x.device)
 
 
@@ -182,9 +182,7 @@ def mlp(l: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     """The MLP head ``k[n] = sigmoid(w2 . relu(w1 . l[n] + b1) + b2)`` on inputs ``l`` (N, C), shape
     (N,), as one op with one backward op: FA's focus MLP on a pool that a gate already wrote, and
     its association MLP on the k history (many tiny ATen calls and autograd nodes otherwise)."""
-    if not isinstance(l, torch.Tensor):
-        raise TypeError(f"fanet: argument 'l' must be a torch.Tensor, got {type(l).__name__}")
-    impl = backends.resolve(backend, l.device)
+    impl = _backend_for(backend, l, "l")
     if not impl.checks_args:
         _validate.check_mlp(l, w1, b1, w2, b2)
     return impl.mlp(l, w1, b1, w2, b2)

@@ -15,7 +15,7 @@ from .backends import Backend
 _acc = _validate.acc_dtype
 
 
-# ---- the three fused ops -----------------------------------------------------------------
+# ---- the fused ops -----------------------------------------------------------------------
 def gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Weighting (paper eq. 9): ``x + (u - x) * k[n]``."""
     return _gate_acc(x, u, k).to(x.dtype)
@@ -23,8 +23,7 @@ def gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gate(x, u, k), mean over H, W of it)``; the mean is taken before rounding to x's dtype."""
-    out = _gate_acc(x, u, k)
-    return out.to(x.dtype), out.mean(dim=(2, 3)).to(x.dtype)
+    return _with_pool(_gate_acc(x, u, k), x.dtype)
 
 
 def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor,
@@ -33,14 +32,17 @@ def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor,
     the accumulation dtype (not rounded to x's dtype first): the FA weighting of a residual block
     with an identity shortcut, given its residual branch."""
     acc = _acc(x.dtype)
-    xa = x.to(acc)
-    out = xa + (F.relu(branch.to(acc) + xa) - xa) * k.to(acc).view(-1, 1, 1, 1)
-    return out.to(x.dtype), out.mean(dim=(2, 3)).to(x.dtype)
+    return _with_pool(_gate_acc(x, F.relu(branch.to(acc) + x.to(acc)), k), x.dtype)
 
 
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """Focus (paper eqs. 5-7): the focused attention k' of shape (N,), from x's channel means."""
     return mlp(x.to(_acc(x.dtype)).mean(dim=(2, 3)), w1, b1, w2, b2).to(x.dtype)
+
+
+def _with_pool(out: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, its channel means), both rounded to dtype once; the mean is of the un-rounded out."""
+    return out.to(dtype), out.mean(dim=(2, 3)).to(dtype)
 
 
 def _gate_acc(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

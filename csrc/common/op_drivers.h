@@ -21,10 +21,21 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "checks.h"
 
 namespace fanet {
+
+// Calls f(std::integral_constant<bool, flag>{}): a runtime flag as a template argument of the
+// device kernels (both devices use it to pick their residual / fold variants).
+template <typename F>
+inline void with_flag(bool flag, const F& f) {
+  if (flag)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
 
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_op(const at::Tensor& grad_out, const at::Tensor& x,

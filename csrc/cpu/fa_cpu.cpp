@@ -294,12 +294,6 @@ void broadcast_pool_grad(const at::opmath_type<scalar_t>* grad_l, scalar_t* gx, 
 
 inline int64_t plane(const Tensor& x) { return x.size(2) * x.size(3); }
 
-// Calls f(std::integral_constant<bool, flag>{}): a runtime flag as a template argument.
-template <typename F>
-inline void with_flag(bool flag, const F& f) {
-  if (flag) f(std::true_type{}); else f(std::false_type{});
-}
-
 template <Fwd kMode>
 void run_forward(const Tensor& x, const Tensor& u, const Tensor& k, const Tensor& out, const Tensor& pooled,
                  at::MemoryFormat fmt, bool residual = false) {

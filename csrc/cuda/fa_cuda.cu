@@ -425,15 +425,6 @@ void with_pack_width(bool can_vec, F&& f) {
     f(std::integral_constant<int, 1>{});
 }
 
-// Calls f(std::integral_constant<bool, flag>{}): a runtime flag as a template argument.
-template <typename F>
-void with_flag(bool flag, F&& f) {
-  if (flag)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
-
 template <typename scalar_t>
 constexpr int pack_width() {
   return 16 / sizeof(scalar_t);
