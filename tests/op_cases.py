@@ -9,6 +9,7 @@ SHAPES = {
     "N0": (0, 4, 5, 5),
     "N1": (1, 3, 7, 7),
     "C1": (2, 1, 5, 5),
+    "C16": (3, 16, 5, 7),  # channels_last: rows shorter than a SIMD step (csrc/cpu spans_rows)
     "HW1": (3, 8, 1, 1),
     "7x7": (2, 5, 7, 7),
     "13x17": (2, 3, 13, 17),
