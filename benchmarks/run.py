@@ -182,7 +182,7 @@ def render_network(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
              "params overhead | MACs / image | MACs overhead |", "|---|---|---|---|---|---|---|---|---|"]
     for b in rows:
         i = b["extra_info"]
-        base = meds.get(("resnet56", "compiled" if i["impl"] == "compiled" else "eager"))
+        base = meds.get(("resnet56", "compiled" if i["impl"].startswith("compiled") else "eager"))
         t = b["stats"]["median"]
         table.append(f"| {i['model']} | {i['impl']} | {ms(t)} | {ratio(None if base is None else t / base, 3)} | "
                      f"{ratio(i.get('paired_time_vs_resnet56'), 3)}{iqr(i)} | "
@@ -212,9 +212,11 @@ def render_network(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
         t = meds.get(("fa_se_resnet56", impl))
         if t and se:
             targets.append(f"- fa_se_resnet56 [{impl}] / SE-ResNet-56 eager: {t / se:.3f} (for comparison)")
-    tc, bc = meds.get(("fa_resnet56", "compiled")), meds.get(("resnet56", "compiled"))
-    if tc and bc:
-        targets.append(f"- fa_resnet56 [compiled] / ResNet-56 [compiled]: {tc / bc:.3f} (for comparison)")
+    bc = meds.get(("resnet56", "compiled"))
+    for impl in ("compiled", *(f"compiled-{f}" for f in FUSED_ORDER)):
+        tc = meds.get(("fa_resnet56", impl))
+        if tc and bc:
+            targets.append(f"- fa_resnet56 [{impl}] / ResNet-56 [compiled]: {tc / bc:.3f} (for comparison)")
     return targets, table
 
 

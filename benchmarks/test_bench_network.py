@@ -3,9 +3,10 @@ against FA-ResNet-56 and FA-SE-ResNet-56 on CIFAR shapes (issue 7).
 
 One group per (batch, device); rows, in run order: ``resnet56`` eager and compiled,
 ``se_resnet56`` eager (context for FA-SE), then for
-each FA network the fused backend(s) of the device, the ``reference`` backend (eager FA) and
-``compiled`` (torch.compile of the model on the reference backend, compiled and warmed up
-before timing).  Each row's extra_info has the model's parameters and multiply-adds and its
+each FA network the fused backend(s) of the device, the ``reference`` backend (eager FA),
+``compiled`` (torch.compile of the model on the reference backend) and ``compiled-<fused>``
+(torch.compile of the model on a fused backend: Inductor compiles everything around the fused
+ops, which it calls as they are); compiled rows are compiled and warmed up before timing.  Each row's extra_info has the model's parameters and multiply-adds and its
 time overhead over ResNet-56 in the same mode (eager for fused/reference, compiled for
 compiled), beside the parameter and multiply-add overheads; eager FA rows also get
 ``paired_time_vs_resnet56``: the median ratio of the two steps timed back to back (9 pairs;
@@ -65,10 +66,13 @@ def net_cases(config: pytest.Config) -> list[NetCase]:
     compiled = () if quick else ("compiled",)
     out = []
     for device in devices(config):
+        fused = fused_backends(device)
+        compiled_fused = () if quick else tuple(f"compiled-{b}" for b in fused)
         out += [NetCase(BASE, impl, batch, device) for impl in ("eager", *compiled)]
         out.append(NetCase(SE_BASE, "eager", batch, device))
         for model in FA_MODELS:
-            out += [NetCase(model, impl, batch, device) for impl in (*fused_backends(device), "reference", *compiled)]
+            out += [NetCase(model, impl, batch, device)
+                    for impl in (*fused, "reference", *compiled, *compiled_fused)]
     return out
 
 
@@ -115,8 +119,10 @@ def build(case: NetCase):
         _complexity[case.model] = (params, count_macs(model, torch.randn(1, 3, 32, 32, device=case.device)))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    backend = "reference" if case.impl in ("eager", "compiled") else case.impl
-    if case.impl == "compiled":
+    compiled = case.impl.startswith("compiled")
+    # "compiled-<backend>": compiled on that fused backend; "eager" / "compiled": the reference.
+    backend = case.impl.partition("-")[2] or ("reference" if case.impl in ("eager", "compiled") else case.impl)
+    if compiled:
         torch._dynamo.reset()
         forward = torch.compile(model)
     else:
@@ -161,6 +167,7 @@ def paired_ratio(step, case: NetCase, rounds: int) -> tuple[float, float, float]
 @pytest.mark.skipif(zoo is None, reason=ZOO_ERROR or "zoo missing")
 def test_train_step(benchmark, net_case: NetCase, request: pytest.FixtureRequest) -> None:
     case = net_case
+    compiled = case.impl.startswith("compiled")
     benchmark.group = case.group
     step = build(case)
     # Warm-up outside the timed region: compilation (forward and backward graphs), allocator.
@@ -179,13 +186,13 @@ def test_train_step(benchmark, net_case: NetCase, request: pytest.FixtureRequest
     if t is None:
         return
     _medians[(case.model, case.impl)] = t
-    if case.model != BASE and case.impl != "compiled":
+    if case.model != BASE and not compiled:
         med, q1, q3 = paired_ratio(step, case, rounds=3 if quick else 9)
         info["paired_time_vs_resnet56"] = round(med, 4)
         info["paired_iqr"] = [round(q1, 4), round(q3, 4)]
-    base_impl = "compiled" if case.impl == "compiled" else "eager"
+    base_impl = "compiled" if compiled else "eager"
     if (BASE, base_impl) in _medians:
         info["time_vs_resnet56"] = round(t / _medians[(BASE, base_impl)], 4)
         info["time_vs_resnet56_mode"] = base_impl
-    if case.model.startswith("fa_se_") and case.impl != "compiled" and (SE_BASE, "eager") in _medians:
+    if case.model.startswith("fa_se_") and not compiled and (SE_BASE, "eager") in _medians:
         info["time_vs_se_resnet56"] = round(t / _medians[(SE_BASE, "eager")], 4)
