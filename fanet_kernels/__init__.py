@@ -7,6 +7,8 @@ from .backends import available_backends, get_backend, set_backend, use_backend
 from .modules import FAGate, FASequential, FAStage, FAStages, ResidualBlock, SEBlock, collect_k
 from .ops import HAS_EXTENSION, focus, gate, gate_pool, residual_gate_pool
 
+backends.preload()
+
 __version__ = "0.1.0"
 
 __all__ = [

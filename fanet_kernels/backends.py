@@ -87,6 +87,17 @@ def load(name: str) -> Optional[Backend]:
     return _loaded[name]
 
 
+def preload() -> None:
+    """Load the backends ahead of the first op call (``import fanet_kernels`` does it): Dynamo
+    cannot trace ``importlib``, so a model compiled before any eager call would otherwise fail
+    under ``fullgraph=True``.  Their modules are imported already; Triton's only where a GPU
+    can run it, since importing triton costs a second."""
+    for name in ("reference", "cpu", "cuda"):
+        load(name)
+    if torch.cuda.is_available():
+        load("triton")
+
+
 def mark_unavailable(name: str, reason: str) -> None:
     """Called by a backend module that imported but cannot run (e.g. extension not built)."""
     _errors[name] = reason

@@ -135,7 +135,7 @@ class FASequential(nn.Module):
     plain nn.Sequential loads (the new ``fa.*`` keys are then missing).  ``channels``: int, one
     int per gated block, or None (read off block i-1).  ``projections``: optional list (one per
     block, None where shapes match) of modules P used as ``x_proj`` (VGG).  After a forward,
-    ``last_k`` holds the detached (N,) k of blocks 1 .. n-1 (not updated under torch.compile).
+    ``last_k`` holds the detached (N,) k of blocks 1 .. n-1 (under torch.compile too).
     """
 
     def __init__(self, blocks, channels: Union[int, Sequence[int], None] = None, r1: int = 4, r2: int = 4,
@@ -189,8 +189,7 @@ class FASequential(nn.Module):
             else:
                 xp = proj[str(i)](x)
             x, _, hist, pooled = self.fa[i - 1](x, block(x), hist, pooled_x=pooled, x_proj=xp)
-        if not torch.compiler.is_compiling():
-            self.last_k = [k.detach() for k in hist]
+        self.last_k = [k.detach() for k in hist]  # under torch.compile too: Dynamo replays the assignment
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,8 +266,7 @@ class FAStage(FASequential):
             xp = x if "pre" in self._modules else self._project(x)
             r = self.stage_fa(xp, u, hist)
             out, hist = r.out, r.history
-            if not torch.compiler.is_compiling():
-                self.last_stage_k = r.k.detach()
+            self.last_stage_k = r.k.detach()
         return out if self.last else (out, hist)
 
 

@@ -1,5 +1,7 @@
 """apply_fa on torchvision (and timm, if installed) ResNet-family models."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,8 +71,25 @@ def test_compile_fullgraph():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     y = compiled(x)
     y.sum().backward()
+    k_compiled = collect_k(model)  # the chains and stages record their k under torch.compile too
     torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
     assert model.layer2.stage_fa.focus1.weight.grad is not None
+    k_eager = collect_k(model)
+    assert k_compiled.keys() == k_eager.keys() and len(k_eager) == 5  # layer1..4 chains, the stages
+    for name, k in k_eager.items():
+        torch.testing.assert_close(k_compiled[name], k, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_before_any_eager_call(tmp_path):
+    # A fresh process, so no backend has been loaded yet when Dynamo traces the first call.
+    script = tmp_path / "compile_first.py"
+    script.write_text(
+        "import torch, torchvision, fanet_kernels as fk\n"
+        "model = fk.apply_fa(torchvision.models.resnet18())\n"
+        "y = torch.compile(model, fullgraph=True, backend='aot_eager')(torch.randn(2, 3, 32, 32))\n"
+        "assert y.shape == (2, 1000) and len(fk.collect_k(model)) == 5\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_projection_reused_not_recomputed():
