@@ -242,8 +242,9 @@ def render(data: dict, env: dict, run: dict) -> str:
         f"- Command: `{run.get('command', '?')}`",
         *busy_warning(run, env), "",
         "Bytes per call (SPEC §5, S = bytes of one activation): gate_pool, residual_gate_pool and gate "
-        "forward 3·S, forward+backward 8·S; focus forward 1·S, forward+backward 3·S. *copy* = a `torch.clone` "
-        "moving the same bytes in the same run, so `time / copy` is the distance to the copy bound.", "",
+        "forward 3·S, forward+backward 8·S; focus forward 1·S, forward+backward 3·S. *copy* = `torch.clone` of "
+        "activation-sized tensors moving the same bytes in the same run (sized like the ops' outputs, so "
+        "both get their memory the same way), so `time / copy` is the distance to the copy bound.", "",
         "## Targets (issue 7)", "",
         "### gate_pool forward+backward", "", *op_targets["gate_pool"], "",
         "### residual_gate_pool forward+backward", "",

@@ -1,7 +1,8 @@
 """Op-level benchmarks of fanet::gate_pool, residual_gate_pool, gate and focus (issue 7, SPEC §5).
 
 One pytest-benchmark group per (op, pass, shape, dtype, layout, device); its rows, in run
-order: ``clone`` (a torch.clone moving the same bytes: the copy bound), ``reference``
+order: ``clone`` (torch.clone of activation-sized tensors moving the same bytes: the copy
+bound), ``reference``
 (eager plain PyTorch), ``compiled`` (torch.compile of the reference, compiled and warmed
 up before timing) and one row per fused backend (``cpu``; ``cuda``/``triton`` on a GPU).
 
@@ -125,10 +126,15 @@ def inputs(case: Case) -> dict[str, torch.Tensor]:
 
 
 def make_clone(case: Case):
-    """A clone that reads and writes case.nbytes in total (nbytes / 2 each way)."""
+    """Clones that read and write case.nbytes in total (nbytes / 2 each way), in tensors of at
+    most one activation each, like the ops' outputs: one large clone would get its memory from a
+    fresh mapping (glibc serves blocks of 32 MiB and more by mmap) and pay page faults on every
+    call that activation-sized outputs, reused from the heap, do not pay."""
     dt = DTYPES[case.dtype]
-    src = torch.empty(case.nbytes // 2 // dt.itemsize, dtype=dt, device=case.device).fill_(1.0)
-    return lambda: src.clone()
+    left, piece = case.nbytes // 2 // dt.itemsize, case.activation_bytes // dt.itemsize
+    sizes = [piece] * (left // piece) + ([left % piece] if left % piece else [])
+    srcs = [torch.empty(n, dtype=dt, device=case.device).fill_(1.0) for n in sizes]
+    return lambda: [s.clone() for s in srcs]
 
 
 def make_call(case: Case):
