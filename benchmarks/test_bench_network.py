@@ -2,12 +2,12 @@
 against FA-ResNet-56 and FA-SE-ResNet-56 on CIFAR shapes (issue 7).
 
 One group per (batch, device); rows, in run order: ``resnet56`` eager and compiled,
-``se_resnet56`` eager (context for FA-SE), then for
-each FA network the fused backend(s) of the device, the ``reference`` backend (eager FA),
-``compiled`` (torch.compile of the model on the reference backend) and ``compiled-<fused>``
-(torch.compile of the model on a fused backend: Inductor compiles everything around the fused
-ops, which it calls as they are); compiled rows are compiled and warmed up before timing.  Each row's extra_info has the model's parameters and multiply-adds and its
-time overhead over ResNet-56 in the same mode (eager for fused/reference, compiled for
+``se_resnet56`` eager (context for FA-SE), then for each FA network the fused backend(s) of
+the device, the ``reference`` backend (eager FA), ``compiled`` (torch.compile of the model on
+the reference backend) and ``compiled-<fused>`` (torch.compile of the model on a fused backend:
+Inductor compiles everything around the fused ops, which it calls as they are); compiled rows
+are compiled and warmed up before timing.  Each row's extra_info has the model's parameters and
+multiply-adds and its time overhead over ResNet-56 in the same mode (eager for fused/reference, compiled for
 compiled), beside the parameter and multiply-add overheads; eager FA rows also get
 ``paired_time_vs_resnet56``: the median ratio of the two steps timed back to back (9 pairs;
 ``paired_iqr`` its quartiles), so a load change between rows
@@ -45,9 +45,19 @@ NUM_CLASSES = 10
 @dataclass(frozen=True)
 class NetCase:
     model: str
-    impl: str  # eager | compiled (resnet56); <fused backend> | reference | compiled (FA models)
+    impl: str  # eager | compiled (resnet56); <fused backend> | reference | compiled | compiled-<fused> (FA)
     batch: int
     device: str
+
+    @property
+    def compiled(self) -> bool:
+        return self.impl.startswith("compiled")
+
+    @property
+    def backend(self) -> str:
+        """The fanet backend the step runs on: "compiled-<backend>" names it; eager and compiled
+        (of ResNet-56 or of an FA model) run the reference."""
+        return self.impl.partition("-")[2] or ("reference" if self.impl in ("eager", "compiled") else self.impl)
 
     @property
     def group(self) -> str:
@@ -119,10 +129,8 @@ def build(case: NetCase):
         _complexity[case.model] = (params, count_macs(model, torch.randn(1, 3, 32, 32, device=case.device)))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    compiled = case.impl.startswith("compiled")
-    # "compiled-<backend>": compiled on that fused backend; "eager" / "compiled": the reference.
-    backend = case.impl.partition("-")[2] or ("reference" if case.impl in ("eager", "compiled") else case.impl)
-    if compiled:
+    backend = case.backend
+    if case.compiled:
         torch._dynamo.reset()
         forward = torch.compile(model)
     else:
@@ -167,7 +175,7 @@ def paired_ratio(step, case: NetCase, rounds: int) -> tuple[float, float, float]
 @pytest.mark.skipif(zoo is None, reason=ZOO_ERROR or "zoo missing")
 def test_train_step(benchmark, net_case: NetCase, request: pytest.FixtureRequest) -> None:
     case = net_case
-    compiled = case.impl.startswith("compiled")
+    compiled = case.compiled
     benchmark.group = case.group
     step = build(case)
     # Warm-up outside the timed region: compilation (forward and backward graphs), allocator.

@@ -178,7 +178,6 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
       const int64_t c0 = (unit % blocks) * kChannelBlock;
       const int64_t cb = std::min(kChannelBlock, C - c0);
       const AVec kv(kMode == Fwd::kPool ? acc_t(0) : k[n]);
-      std::fill(sums, sums + kChannelBlock, acc_t(0));
       if (span) {  // the sample's HW * C elements as one stream; lane l holds channel l % C
         const int64_t base = n * HW * C, len = HW * C;
         AVec s0(acc_t(0)), s1(acc_t(0));
@@ -196,6 +195,7 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
           for (int64_t l = C; l < L::kStep; ++l) sums[l % C] += sums[l];
         }
       } else {
+        std::fill(sums, sums + kChannelBlock, acc_t(0));
         for (int64_t hw = 0; hw < HW; ++hw) {
           const int64_t base = (n * HW + hw) * C + c0;
           for (int64_t j = 0; j < cb; j += L::kStep) {
@@ -297,16 +297,15 @@ void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
         for (int64_t i = 0; i < len; i += L::kStep)
           backward_step<kFold, kResidual>(g, x, u, gx, gu, base + i, std::min(L::kStep, len - i), kv, gp0, gp1, ihv,
                                           s0, s1);
-        partial[unit] = L::sum(s0, s1);
-        continue;
-      }
-      for (int64_t hw = 0; hw < HW; ++hw) {
-        const int64_t base = (n * HW + hw) * C + c0;
-        for (int64_t j = 0; j < cb; j += L::kStep) {
-          const int64_t cnt = std::min(L::kStep, cb - j);
-          AVec gp0 = zero, gp1 = zero;
-          if constexpr (kFold) L::load_acc(gpn + j, gp0, gp1, cnt);
-          backward_step<kFold, kResidual>(g, x, u, gx, gu, base + j, cnt, kv, gp0, gp1, ihv, s0, s1);
+      } else {
+        for (int64_t hw = 0; hw < HW; ++hw) {
+          const int64_t base = (n * HW + hw) * C + c0;
+          for (int64_t j = 0; j < cb; j += L::kStep) {
+            const int64_t cnt = std::min(L::kStep, cb - j);
+            AVec gp0 = zero, gp1 = zero;
+            if constexpr (kFold) L::load_acc(gpn + j, gp0, gp1, cnt);
+            backward_step<kFold, kResidual>(g, x, u, gx, gu, base + j, cnt, kv, gp0, gp1, ihv, s0, s1);
+          }
         }
       }
       partial[unit] = L::sum(s0, s1);
