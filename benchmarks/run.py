@@ -6,7 +6,9 @@
 
 RESULTS.md holds the machine, the versions, the date, the targets of issue 7 with the measured
 ratios (saying where a target is missed and by how much), and the tables of every group.
-The raw pytest-benchmark JSON is kept beside it (results.json) for comparison across machines.
+The pytest-benchmark JSON is kept beside it (results.json) for comparison across machines, with
+each row's summary statistics but not its per-round samples (a million lines in a full run, which
+would make every re-run a diff of tens of megabytes in the repository).
 Extra arguments after ``--`` go to pytest (e.g. ``-- -k gate_pool``).
 """
 from __future__ import annotations
@@ -220,6 +222,14 @@ def render_network(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
     return targets, table
 
 
+def without_samples(data: dict) -> dict:
+    """``data`` with each row's per-round samples (``stats.data``) dropped; the summary statistics
+    (median, quartiles, rounds, ...) that RESULTS.md is rendered from stay."""
+    for row in data.get("benchmarks", []):
+        row.get("stats", {}).pop("data", None)
+    return data
+
+
 def render(data: dict, env: dict, run: dict) -> str:
     benchmarks = data.get("benchmarks", [])
     quick = "--fanet-quick" in run.get("command", "")
@@ -229,7 +239,7 @@ def render(data: dict, env: dict, run: dict) -> str:
         "# fanet_kernels benchmark results", "",
         f"Written by `benchmarks/run.py{' --quick' if quick else ''}` on {env['date']}. "
         "Each group (one case) was measured in one run: median of the rounds; "
-        "ratios are between rows of the same group. Raw data: `benchmarks/results.json`.", "",
+        "ratios are between rows of the same group. Data (summary statistics per row): `benchmarks/results.json`.", "",
         "## Machine and versions", "",
         f"- CPU: {env['cpu']}, {env['cores']} cores (torch threads: {env['torch_threads']}); GPU: {env['gpu']}",
         f"- Platform: {env['platform']}",
@@ -299,7 +309,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
         data = json.loads(args.json.read_text())
         data["fanet_run"], data["fanet_env"] = run, env
-        args.json.write_text(json.dumps(data, indent=1))
+        args.json.write_text(json.dumps(without_samples(data), indent=1))
     args.output.write_text(render(data, env, run))
     print(f"wrote {args.output}")
     return 0 if run.get("returncode", 0) in (0, 5) else int(run["returncode"])

@@ -2,6 +2,7 @@
 quick mode, then benchmarks/run.py --from-json on their results.  Timings are not checked."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,8 +24,17 @@ def test_benchmark_suite_runs_and_renders(tmp_path: Path) -> None:
          "-p", "no:cacheprovider", "-k", select, f"--benchmark-json={results}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {b["extra_info"].get("impl") for b in json.loads(results.read_text())["benchmarks"]}
+    data = json.loads(results.read_text())
+    rows = {b["extra_info"].get("impl") for b in data["benchmarks"]}
     assert {"clone", "reference", "cpu"} <= rows
+
+    # run.py keeps each row's summary statistics but not its per-round samples in results.json
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert all("data" in b["stats"] for b in data["benchmarks"])
+    kept = run.without_samples(data)["benchmarks"]
+    assert all("data" not in b["stats"] and "median" in b["stats"] for b in kept)
 
     out = tmp_path / "RESULTS.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--from-json", str(results),
