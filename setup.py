@@ -85,7 +85,7 @@ def _extensions():
 
     with_cuda = _want_cuda(torch)
     isa = _cpu_isa()
-    sources = ["csrc/fanet.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/fanet.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` (torch's OpenMP backend);
     # without it every CPU kernel runs on one thread.  torch ships libgomp.so.1, which the
     # extension then shares.

@@ -1,6 +1,7 @@
 // The `fanet` operator library: schemas only.  Device kernels are registered from
-// csrc/cpu/ and csrc/cuda/ with TORCH_LIBRARY_IMPL; fake kernels and autograd are
-// registered from Python (fanet_kernels/ops.py), following pytorch/extension-cpp.
+// csrc/cpu/ and csrc/cuda/ with TORCH_LIBRARY_IMPL; fake kernels are
+// registered from Python (fanet_kernels/ops.py), following pytorch/extension-cpp; autograd in
+// csrc/autograd.cpp.
 #include <torch/library.h>
 
 #ifdef FANET_PYTHON_MODULE

@@ -1,9 +1,10 @@
 """The fused ops ``fanet::gate``, ``fanet::gate_pool``, ``fanet::focus`` (SPEC §4) and
 ``fanet::residual_gate_pool`` (gate_pool with the residual block's add and ReLU folded in).
 
-Their schemas are defined in C++ (csrc/fanet.cpp) and their kernels in csrc/cpu and
-csrc/cuda; this file registers the fake (meta) kernels and the autograd formulas, in the
-style of pytorch/extension-cpp, and exposes backend-dispatching Python functions.
+Their schemas are defined in C++ (csrc/fanet.cpp), their kernels in csrc/cpu and csrc/cuda and
+their autograd in csrc/autograd.cpp (each forward op wired to its backward op); this file
+registers the fake (meta) kernels, in the style of pytorch/extension-cpp, and exposes
+backend-dispatching Python functions.
 """
 from __future__ import annotations
 
@@ -82,34 +83,8 @@ if HAS_EXTENSION:
         return (_validate.empty_out(x), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
                 w2.new_empty(w2.shape), b2.new_empty(b2.shape))
 
-    # ---- autograd: each backward is one fused op ----------------------------------------
-    def _save_inputs(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _gate_bwd(ctx, grad_out):
-        x, u, k = ctx.saved_tensors
-        return torch.ops.fanet.gate_backward(grad_out, x, u, k)
-
-    def _gate_pool_bwd(ctx, grad_out, grad_pooled):
-        x, u, k = ctx.saved_tensors
-        return torch.ops.fanet.gate_pool_backward(grad_out, grad_pooled, x, u, k)
-
-    def _residual_gate_pool_bwd(ctx, grad_out, grad_pooled):
-        x, branch, k = ctx.saved_tensors
-        return torch.ops.fanet.residual_gate_pool_backward(grad_out, grad_pooled, x, branch, k)
-
-    def _focus_bwd(ctx, grad_k):
-        return torch.ops.fanet.focus_backward(grad_k, *ctx.saved_tensors)
-
-    def _mlp_bwd(ctx, grad_k):
-        return torch.ops.fanet.mlp_backward(grad_k, *ctx.saved_tensors)
-
-    torch.library.register_autograd("fanet::gate", _gate_bwd, setup_context=_save_inputs)
-    torch.library.register_autograd("fanet::gate_pool", _gate_pool_bwd, setup_context=_save_inputs)
-    torch.library.register_autograd("fanet::residual_gate_pool", _residual_gate_pool_bwd,
-                                    setup_context=_save_inputs)
-    torch.library.register_autograd("fanet::focus", _focus_bwd, setup_context=_save_inputs)
-    torch.library.register_autograd("fanet::mlp", _mlp_bwd, setup_context=_save_inputs)
+    # Autograd: csrc/autograd.cpp wires each op to its backward op as a C++ autograd node (each
+    # backward is one fused op); a Python formula here would cost ~100 us per call.
 
     def _compiled_backend(name: str, devices: tuple[str, ...]) -> backends.Backend:
         return backends.Backend(

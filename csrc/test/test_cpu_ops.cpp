@@ -1,5 +1,5 @@
-// C++ test of the CPU kernels through the dispatcher, against the FA math composed from
-// ATen ops (the same formulas as fanet_kernels/reference.py).  Run by ctest.
+// C++ test of the CPU kernels and their autograd through the dispatcher, against the FA math
+// composed from ATen ops (the same formulas as fanet_kernels/reference.py).  Run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
@@ -74,6 +74,30 @@ void check_layout(at::ScalarType dtype, bool channels_last, double tol) {
   expect_close(focus.call(x, w1, b1, w2, b2), kf, tol, "focus " + tag);
 }
 
+// Autograd (csrc/autograd.cpp): the gradients that reach the inputs are those of the backward op,
+// also when an output goes unused (its gradient then reaches the backward op as None).
+void check_autograd() {
+  using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  auto gate_pool = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "fanet::gate_pool");
+  auto backward = op<Triple(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&)>("fanet::gate_pool_backward");
+  const auto x = at::randn({2, 5, 3, 4}), u = at::randn({2, 5, 3, 4}), k = at::rand({2});
+  const auto go = at::randn(x.sizes()), gp = at::randn({2, 5});
+  for (const bool use_pooled : {true, false}) {
+    const std::string tag = use_pooled ? " (out and pooled)" : " (out only)";
+    auto xr = x.clone().requires_grad_(), ur = u.clone().requires_grad_(), kr = k.clone().requires_grad_();
+    auto [out, pooled] = gate_pool.call(xr, ur, kr);
+    auto loss = (out * go).sum();
+    if (use_pooled) loss = loss + (pooled * gp).sum();
+    loss.backward();
+    auto [gx, gu, gk] = backward.call(go, use_pooled ? std::optional<at::Tensor>(gp) : std::nullopt, x, u, k);
+    expect_close(xr.grad(), gx, 1e-6, "autograd gate_pool grad_x" + tag);
+    expect_close(ur.grad(), gu, 1e-6, "autograd gate_pool grad_u" + tag);
+    expect_close(kr.grad(), gk, 1e-5, "autograd gate_pool grad_k" + tag);
+  }
+}
+
 void check_bad_input_is_an_error() {
   auto gate = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("fanet::gate");
   try {
@@ -97,6 +121,7 @@ int main() {
     check_layout(at::kBFloat16, cl, 2e-2);
     check_layout(at::kHalf, cl, 2e-3);
   }
+  check_autograd();
   check_bad_input_is_an_error();
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;

@@ -1,0 +1,132 @@
+// Autograd of the `fanet` ops, for every device: each forward op is wired to its backward op
+// (csrc/fanet.cpp) as a C++ autograd node.  The math lives in the ops; this file only saves the
+// inputs and calls the backward op through the dispatcher, so the device (and, under
+// torch.compile, the fake kernels of fanet_kernels/ops.py) is chosen there.  In C++ because a
+// Python autograd formula (torch.library.register_autograd) costs ~100 us per forward+backward
+// in the interpreter: more than the kernels at small shapes, and ~7 ms of a ResNet-56-sized FA
+// training step with its ~74 op calls.  The backward ops have no autograd (no double backward).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fanet {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
+
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+using Five = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// fanet::gate: (x, u, k) -> out.
+struct GateFunction : torch::autograd::Function<GateFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& u, const Tensor& k) {
+    static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("fanet::gate");
+    ctx->save_for_backward({x, u, k});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, u, k);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        find_op<Triple(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("fanet::gate_backward");
+    const auto s = ctx->get_saved_variables();
+    const auto [gx, gu, gk] = op.call(grads[0], s[0], s[1], s[2]);
+    return {gx, gu, gk};
+  }
+};
+
+// fanet::gate_pool and fanet::residual_gate_pool: (x, u or branch, k) -> (out, pooled).  Either
+// output may go unused; its gradient then reaches the backward op as None, not as zeros.
+template <typename Names>
+struct GatePoolFunction : torch::autograd::Function<GatePoolFunction<Names>> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& u, const Tensor& k) {
+    static const auto op =
+        find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(Names::forward);
+    ctx->save_for_backward({x, u, k});
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto [out, pooled] = op.call(x, u, k);
+    return {out, pooled};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<Triple(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
+                                          const Tensor&, const Tensor&)>(Names::backward);
+    const auto s = ctx->get_saved_variables();
+    const auto [gx, gu, gk] = op.call(maybe(grads[0]), maybe(grads[1]), s[0], s[1], s[2]);
+    return {gx, gu, gk};
+  }
+};
+
+struct GatePoolNames {
+  static constexpr const char* forward = "fanet::gate_pool";
+  static constexpr const char* backward = "fanet::gate_pool_backward";
+};
+struct ResidualGatePoolNames {
+  static constexpr const char* forward = "fanet::residual_gate_pool";
+  static constexpr const char* backward = "fanet::residual_gate_pool_backward";
+};
+
+// fanet::focus and fanet::mlp: (input, w1, b1, w2, b2) -> k.
+template <typename Names>
+struct HeadFunction : torch::autograd::Function<HeadFunction<Names>> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& in, const Tensor& w1, const Tensor& b1,
+                        const Tensor& w2, const Tensor& b2) {
+    static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+        Names::forward);
+    ctx->save_for_backward({in, w1, b1, w2, b2});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(in, w1, b1, w2, b2);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<Five(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                        const Tensor&)>(Names::backward);
+    const auto s = ctx->get_saved_variables();
+    const auto [gin, gw1, gb1, gw2, gb2] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4]);
+    return {gin, gw1, gb1, gw2, gb2};
+  }
+};
+
+struct FocusNames {
+  static constexpr const char* forward = "fanet::focus";
+  static constexpr const char* backward = "fanet::focus_backward";
+};
+struct MlpNames {
+  static constexpr const char* forward = "fanet::mlp";
+  static constexpr const char* backward = "fanet::mlp_backward";
+};
+
+Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return GateFunction::apply(x, u, k); }
+
+template <typename Names>
+std::tuple<Tensor, Tensor> gate_pool(const Tensor& x, const Tensor& u, const Tensor& k) {
+  const auto r = GatePoolFunction<Names>::apply(x, u, k);
+  return {r[0], r[1]};
+}
+
+template <typename Names>
+Tensor head(const Tensor& in, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  return HeadFunction<Names>::apply(in, w1, b1, w2, b2);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fanet, Autograd, m) {
+  m.impl("gate", &gate);
+  m.impl("gate_pool", &gate_pool<GatePoolNames>);
+  m.impl("residual_gate_pool", &gate_pool<ResidualGatePoolNames>);
+  m.impl("focus", &head<FocusNames>);
+  m.impl("mlp", &head<MlpNames>);
+}
+
+}  // namespace fanet
