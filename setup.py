@@ -5,8 +5,9 @@ Environment flags (in the style of flash-attention's setup.py):
                           installed torch was built with CUDA; 1: require it; 0: skip it.
                           Decided without torch.cuda.is_available(): a GPU is not needed to build.
   TORCH_CUDA_ARCH_LIST    CUDA architectures; default "8.0;9.0+PTX" (sm_80, sm_90 and PTX).
-  FANET_CPU_ISA=auto|avx512|avx2|generic
-                          SIMD width of the CPU kernels; auto picks what this machine's CPU has.
+  FANET_CPU_ISA=auto|avx512bf16|avx512|avx2|generic
+                          SIMD width of the CPU kernels; auto picks what this machine's CPU has
+                          (avx512bf16: AVX-512 with the BF16 conversion instructions).
   FANET_PTXAS_VERBOSE=1   print ptxas register/spill reports for every CUDA kernel.
   MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension.
 """
@@ -29,8 +30,8 @@ def _env(name: str, default: str) -> str:
 
 def _cpu_isa() -> str:
     isa = _env("FANET_CPU_ISA", "auto")
-    if isa not in ("auto", "avx512", "avx2", "generic"):
-        sys.exit(f"setup.py: FANET_CPU_ISA must be auto, avx512, avx2 or generic, got {isa!r}")
+    if isa not in ("auto", *CPU_ISA_FLAGS):
+        sys.exit(f"setup.py: FANET_CPU_ISA must be auto, {', '.join(CPU_ISA_FLAGS)}, got {isa!r}")
     if isa != "auto":
         return isa
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -41,7 +42,7 @@ def _cpu_isa() -> str:
     except OSError:
         return "generic"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-        return "avx512"
+        return "avx512bf16" if "avx512_bf16" in flags else "avx512"
     if {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "generic"
@@ -49,9 +50,11 @@ def _cpu_isa() -> str:
 
 # ATen's Vectorized<T> picks its SIMD implementation from CPU_CAPABILITY_* macros (it is
 # header-only), so defining them with the matching -m flags gives real AVX2/AVX-512 lanes.
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+           "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
 CPU_ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "avx512bf16": _AVX512 + ["-mavx512bf16"],  # bfloat16 rounding in one instruction (fa_cpu.cpp)
+    "avx512": _AVX512,
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
     "generic": [],
 }

@@ -103,6 +103,32 @@ def test_backward_matches_reference(target, op, sname, dname, layout):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {i} of {op}: {m}")
 
 
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_rounding_is_atens(target, layout):
+    """bfloat16 outputs are rounded exactly as ATen rounds (to nearest even, denormals kept, NaN
+    stays NaN): with k = 1/2 the float32 result is exact, so fused and reference agree bit for bit;
+    with k = 0 too, denormals and NaN included (the CPU kernels round with an
+    AVX512-BF16 instruction, which would flush denormals, where the build machine has it)."""
+    backend, dev = target
+    x = make((3, 40, 5, 7), torch.bfloat16, layout, device=dev, seed=0)
+    u = make((3, 40, 5, 7), torch.bfloat16, layout, device=dev, seed=1)
+    half = torch.full((3,), 0.5, dtype=torch.bfloat16, device=dev)
+    expected = (x.float() + (u.float() - x.float()) * 0.5).to(torch.bfloat16)
+    torch.testing.assert_close(ops.gate(x, u, half, backend=backend), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ops.gate_pool(x, u, half, backend=backend)[0], expected, rtol=0, atol=0)
+
+    special = torch.tensor([1e-39, -3e-40, 9.2e-41, float("nan"), float("inf"), -float("inf"), 3.0e38, 0.0])
+    def in_memory_order(t: torch.Tensor) -> torch.Tensor:  # a flat view
+        return (t.permute(0, 2, 3, 1) if layout == "channels_last" else t).view(-1)
+
+    in_memory_order(x)[: special.numel() * 5 : 5] = special.to(torch.bfloat16).to(dev)
+    zero = torch.zeros(3, dtype=torch.bfloat16, device=dev)
+    expected = reference.gate(x, u, zero)
+    assert in_memory_order(expected)[0] != 0 and expected.isnan().sum() == 3  # a denormal kept; NaN, inf * 0
+    torch.testing.assert_close(ops.gate(x, u, zero, backend=backend), expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("used", ["out", "pooled"])
 def test_gate_pool_backward_with_one_output_unused(target, used):
     backend, dev = target
