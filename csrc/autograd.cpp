@@ -29,6 +29,16 @@ std::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? std::optiona
 using Triple = std::tuple<Tensor, Tensor, Tensor>;
 using Five = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+// A forward op and its backward op, by schema name: the template argument of the nodes below.
+struct OpPair {
+  const char* forward;
+  const char* backward;
+};
+constexpr OpPair kGatePool{"fanet::gate_pool", "fanet::gate_pool_backward"};
+constexpr OpPair kResidualGatePool{"fanet::residual_gate_pool", "fanet::residual_gate_pool_backward"};
+constexpr OpPair kFocus{"fanet::focus", "fanet::focus_backward"};
+constexpr OpPair kMlp{"fanet::mlp", "fanet::mlp_backward"};
+
 // fanet::gate: (x, u, k) -> out.
 struct GateFunction : torch::autograd::Function<GateFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& u, const Tensor& k) {
@@ -48,11 +58,11 @@ struct GateFunction : torch::autograd::Function<GateFunction> {
 
 // fanet::gate_pool and fanet::residual_gate_pool: (x, u or branch, k) -> (out, pooled).  Either
 // output may go unused; its gradient then reaches the backward op as None, not as zeros.
-template <typename Names>
-struct GatePoolFunction : torch::autograd::Function<GatePoolFunction<Names>> {
+template <const OpPair& Ops>
+struct GatePoolFunction : torch::autograd::Function<GatePoolFunction<Ops>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& u, const Tensor& k) {
     static const auto op =
-        find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(Names::forward);
+        find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(Ops.forward);
     ctx->save_for_backward({x, u, k});
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -61,72 +71,54 @@ struct GatePoolFunction : torch::autograd::Function<GatePoolFunction<Names>> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<Triple(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
-                                          const Tensor&, const Tensor&)>(Names::backward);
+                                          const Tensor&, const Tensor&)>(Ops.backward);
     const auto s = ctx->get_saved_variables();
     const auto [gx, gu, gk] = op.call(maybe(grads[0]), maybe(grads[1]), s[0], s[1], s[2]);
     return {gx, gu, gk};
   }
 };
 
-struct GatePoolNames {
-  static constexpr const char* forward = "fanet::gate_pool";
-  static constexpr const char* backward = "fanet::gate_pool_backward";
-};
-struct ResidualGatePoolNames {
-  static constexpr const char* forward = "fanet::residual_gate_pool";
-  static constexpr const char* backward = "fanet::residual_gate_pool_backward";
-};
-
 // fanet::focus and fanet::mlp: (input, w1, b1, w2, b2) -> k.
-template <typename Names>
-struct HeadFunction : torch::autograd::Function<HeadFunction<Names>> {
+template <const OpPair& Ops>
+struct HeadFunction : torch::autograd::Function<HeadFunction<Ops>> {
   static Tensor forward(AutogradContext* ctx, const Tensor& in, const Tensor& w1, const Tensor& b1,
                         const Tensor& w2, const Tensor& b2) {
     static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-        Names::forward);
+        Ops.forward);
     ctx->save_for_backward({in, w1, b1, w2, b2});
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(in, w1, b1, w2, b2);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<Five(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                        const Tensor&)>(Names::backward);
+                                        const Tensor&)>(Ops.backward);
     const auto s = ctx->get_saved_variables();
     const auto [gin, gw1, gb1, gw2, gb2] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4]);
     return {gin, gw1, gb1, gw2, gb2};
   }
 };
 
-struct FocusNames {
-  static constexpr const char* forward = "fanet::focus";
-  static constexpr const char* backward = "fanet::focus_backward";
-};
-struct MlpNames {
-  static constexpr const char* forward = "fanet::mlp";
-  static constexpr const char* backward = "fanet::mlp_backward";
-};
-
 Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return GateFunction::apply(x, u, k); }
 
-template <typename Names>
+template <const OpPair& Ops>
 std::tuple<Tensor, Tensor> gate_pool(const Tensor& x, const Tensor& u, const Tensor& k) {
-  const auto r = GatePoolFunction<Names>::apply(x, u, k);
+  const auto r = GatePoolFunction<Ops>::apply(x, u, k);
   return {r[0], r[1]};
 }
 
-template <typename Names>
+template <const OpPair& Ops>
 Tensor head(const Tensor& in, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
-  return HeadFunction<Names>::apply(in, w1, b1, w2, b2);
+  return HeadFunction<Ops>::apply(in, w1, b1, w2, b2);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fanet, Autograd, m) {
   m.impl("gate", &gate);
-  m.impl("gate_pool", &gate_pool<GatePoolNames>);
-  m.impl("residual_gate_pool", &gate_pool<ResidualGatePoolNames>);
-  m.impl("focus", &head<FocusNames>);
-  m.impl("mlp", &head<MlpNames>);
+  m.impl("gate_pool", &gate_pool<kGatePool>);
+  m.impl("residual_gate_pool", &gate_pool<kResidualGatePool>);
+  m.impl("focus", &head<kFocus>);
+  m.impl("mlp", &head<kMlp>);
 }
 
 }  // namespace fanet
