@@ -3,14 +3,15 @@
 // inputs and calls the backward op through the dispatcher, so the device (and, under
 // torch.compile, the fake kernels of fanet_kernels/ops.py) is chosen there.  In C++ because a
 // Python autograd formula (torch.library.register_autograd) costs ~100 us per forward+backward
-// in the interpreter: more than the kernels at small shapes, and ~7 ms of a ResNet-56-sized FA
-// training step with its ~74 op calls.  The backward ops have no autograd (no double backward).
+// in the interpreter: more than the kernels at small shapes.  The backward ops are
+// differentiable no further: a double backward through them raises (BackwardFunction).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace fanet {
 namespace {
@@ -34,6 +35,7 @@ struct OpPair {
   const char* forward;
   const char* backward;
 };
+constexpr OpPair kGate{"fanet::gate", "fanet::gate_backward"};
 constexpr OpPair kGatePool{"fanet::gate_pool", "fanet::gate_pool_backward"};
 constexpr OpPair kResidualGatePool{"fanet::residual_gate_pool", "fanet::residual_gate_pool_backward"};
 constexpr OpPair kFocus{"fanet::focus", "fanet::focus_backward"};
@@ -42,14 +44,14 @@ constexpr OpPair kMlp{"fanet::mlp", "fanet::mlp_backward"};
 // fanet::gate: (x, u, k) -> out.
 struct GateFunction : torch::autograd::Function<GateFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& u, const Tensor& k) {
-    static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("fanet::gate");
+    static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>(kGate.forward);
     ctx->save_for_backward({x, u, k});
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, u, k);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
-        find_op<Triple(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("fanet::gate_backward");
+        find_op<Triple(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(kGate.backward);
     const auto s = ctx->get_saved_variables();
     const auto [gx, gu, gk] = op.call(grads[0], s[0], s[1], s[2]);
     return {gx, gu, gk};
@@ -98,6 +100,38 @@ struct HeadFunction : torch::autograd::Function<HeadFunction<Ops>> {
   }
 };
 
+// The backward op of Ops, returning Result (a tuple of gradients).  Without an autograd kernel, a
+// double backward (create_graph=True, then a backward through these gradients) would only warn
+// and treat the gradients as constants: a silently wrong result.  With create_graph its outputs
+// get a node that raises when such a backward reaches it; without, it costs nothing.
+template <const OpPair& Ops, typename Result, typename... Args>
+struct BackwardFunction : torch::autograd::Function<BackwardFunction<Ops, Result, Args...>> {
+  static Result call(const Args&... args) {
+    static const auto op = find_op<Result(const Args&...)>(Ops.backward);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(args...);
+  }
+  static variable_list forward(AutogradContext*, const Args&... args) {
+    return std::apply([](auto&&... grads) { return variable_list{grads...}; }, call(args...));
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "fanet: ", Ops.backward, " is not differentiable: the fanet ops have first "
+                                "derivatives only (no double backward through ", Ops.forward, "); the reference "
+                                "backend, fanet_kernels.use_backend(\"reference\"), has higher ones");
+  }
+};
+
+template <const OpPair& Ops, typename Result, typename... Args>
+Result backward_op(const Args&... args) {
+  using F = BackwardFunction<Ops, Result, Args...>;
+  if (!at::GradMode::is_enabled()) return F::call(args...);  // an ordinary backward: no node
+  const auto grads = F::apply(args...);
+  return [&]<size_t... I>(std::index_sequence<I...>) { return Result{grads[I]...}; }(
+      std::make_index_sequence<std::tuple_size_v<Result>>());
+}
+
+using Grad = std::optional<Tensor>;
+
 Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return GateFunction::apply(x, u, k); }
 
 template <const OpPair& Ops>
@@ -119,6 +153,11 @@ TORCH_LIBRARY_IMPL(fanet, Autograd, m) {
   m.impl("residual_gate_pool", &gate_pool<kResidualGatePool>);
   m.impl("focus", &head<kFocus>);
   m.impl("mlp", &head<kMlp>);
+  m.impl("gate_backward", &backward_op<kGate, Triple, Tensor, Tensor, Tensor, Tensor>);
+  m.impl("gate_pool_backward", &backward_op<kGatePool, Triple, Grad, Grad, Tensor, Tensor, Tensor>);
+  m.impl("residual_gate_pool_backward", &backward_op<kResidualGatePool, Triple, Grad, Grad, Tensor, Tensor, Tensor>);
+  m.impl("focus_backward", &backward_op<kFocus, Five, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>);
+  m.impl("mlp_backward", &backward_op<kMlp, Five, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>);
 }
 
 }  // namespace fanet

@@ -462,6 +462,28 @@ def test_native_autograd_is_a_cpp_node():
         assert out.grad_fn.name().startswith("torch::autograd::CppNode<fanet::"), (name, out.grad_fn.name())
 
 
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+@pytest.mark.parametrize("op", ["gate", "gate_pool", "residual_gate_pool", "focus", "mlp"])
+def test_double_backward_raises(target, op):
+    """First derivatives only: with create_graph=True the gradients are the usual ones, and a
+    backward through them raises instead of treating them as constants (a silently wrong result)."""
+    dev = target[1]
+    x, u = (make((2, 4, 3, 3), torch.float32, "contiguous", device=dev, requires_grad=True, seed=s) for s in (0, 1))
+    k = make_k(2, device=dev, requires_grad=True)
+    w = [t.detach().requires_grad_() for t in make_focus_weights(4, device=dev)]
+    fn, inputs = {"gate": (torch.ops.fanet.gate, [x, u, k]), "gate_pool": (torch.ops.fanet.gate_pool, [x, u, k]),
+                  "residual_gate_pool": (torch.ops.fanet.residual_gate_pool, [x, u, k]),
+                  "focus": (torch.ops.fanet.focus, [x, *w]), "mlp": (torch.ops.fanet.mlp, [x.mean((2, 3)), *w])}[op]
+    outs = fn(*inputs)
+    loss = sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,)))
+    first = torch.autograd.grad(loss, inputs, create_graph=True)
+    expected = torch.autograd.grad(loss, inputs, retain_graph=True)
+    for a, b in zip(first, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match=f"fanet::{op}_backward is not differentiable"):
+        sum(g.sum() for g in first).backward()
+
+
 # ---- the backend switch ---------------------------------------------------------------------
 def test_auto_resolves_to_compiled_cpu_backend():
     assert fk.get_backend("cpu") == "cpu"
