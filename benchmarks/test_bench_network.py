@@ -9,7 +9,7 @@ Inductor compiles everything around the fused ops, which it calls as they are); 
 are compiled and warmed up before timing.  Each row's extra_info has the model's parameters and
 multiply-adds and its time overhead over ResNet-56 in the same mode (eager for fused/reference, compiled for
 compiled), beside the parameter and multiply-add overheads; eager FA rows also get
-``paired_time_vs_resnet56``: the median ratio of the two steps timed back to back (9 pairs;
+``paired_time_vs_resnet56``: the median ratio of the two steps timed back to back (15 pairs;
 ``paired_iqr`` its quartiles), so a load change between rows
 (shared machine) does not enter the ratio.
 """
@@ -195,7 +195,7 @@ def test_train_step(benchmark, net_case: NetCase, request: pytest.FixtureRequest
         return
     _medians[(case.model, case.impl)] = t
     if case.model != BASE and not compiled:
-        med, q1, q3 = paired_ratio(step, case, rounds=3 if quick else 9)
+        med, q1, q3 = paired_ratio(step, case, rounds=3 if quick else 15)
         info["paired_time_vs_resnet56"] = round(med, 4)
         info["paired_iqr"] = [round(q1, 4), round(q3, 4)]
     base_impl = "compiled" if compiled else "eager"
