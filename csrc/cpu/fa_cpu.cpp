@@ -40,20 +40,22 @@ namespace {
 using at::Tensor;
 namespace vec = at::vec;
 
+// Two float vectors rounded to one vector of scalar_t (float16/bfloat16).  Where the build machine
+// has AVX512-BF16, bfloat16 takes one instruction (vcvtne2ps2bf16) instead of at::vec's rounding in
+// about ten integer ops per vector (12 % of the bfloat16 kernels' time at the ResNet-56 shapes,
+// benchmarks/PROFILE.md item 12).  It rounds to nearest even too, but flushes denormals and quiets
+// NaNs, so a step holding either takes at::vec's path: results stay bit-identical to ATen's.
+template <typename scalar_t>
+inline vec::Vectorized<scalar_t> round_from_float(const vec::Vectorized<float>& a, const vec::Vectorized<float>& b) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// Two float vectors rounded to bfloat16 by one AVX512-BF16 instruction (vcvtne2ps2bf16): at::vec
-// emulates the rounding in about ten integer ops per vector, which was most of the time of the
-// bfloat16 kernels at cache-resident shapes.  The instruction also rounds to nearest even, but it
-// flushes denormals and quiets NaNs, so a step holding either takes at::vec's path: results stay
-// bit-identical to ATen's.
-inline vec::Vectorized<at::BFloat16> round_to_bf16(const vec::Vectorized<float>& a, const vec::Vectorized<float>& b) {
-  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // fpclass: quiet NaN, denormal, signalling NaN
-  if (_mm512_fpclass_ps_mask(a, kNanOrDenormal) | _mm512_fpclass_ps_mask(b, kNanOrDenormal))
-    return vec::convert_from_float<at::BFloat16>(a, b);
-  return vec::Vectorized<at::BFloat16>((__m512i)_mm512_cvtne2ps_pbh(b, a));  // b: upper half
-}
-#define FANET_NATIVE_BF16 1
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // fpclass: quiet NaN, denormal, signalling NaN
+    if (!(_mm512_fpclass_ps_mask(a, kNanOrDenormal) | _mm512_fpclass_ps_mask(b, kNanOrDenormal)))
+      return vec::Vectorized<at::BFloat16>((__m512i)_mm512_cvtne2ps_pbh(b, a));  // b: upper half
+  }
 #endif
+  return vec::convert_from_float<scalar_t>(a, b);
+}
 
 // Moves kStep = 2 * Vectorized<acc_t>::size() elements of scalar_t as two accumulator
 // vectors, so float16/bfloat16 are widened to float32 on load and rounded once on store.
@@ -79,16 +81,7 @@ struct Lanes {
   }
   static inline void store(scalar_t* p, const AVec& a, const AVec& b, int64_t n = kStep) {
     if constexpr (kReduced) {
-#ifdef FANET_NATIVE_BF16
-      const auto v = [&] {
-        if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
-          return round_to_bf16(a, b);
-        else
-          return vec::convert_from_float<scalar_t>(a, b);
-      }();
-#else
-      const auto v = vec::convert_from_float<scalar_t>(a, b);
-#endif
+      const auto v = round_from_float<scalar_t>(a, b);
       n == kStep ? v.store(p) : v.store(p, n);
     } else if (n == kStep) {
       a.store(p);
