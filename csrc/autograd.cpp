@@ -2,8 +2,8 @@
 // (csrc/fanet.cpp) as a C++ autograd node.  The math lives in the ops; this file only saves the
 // inputs and calls the backward op through the dispatcher, so the device (and, under
 // torch.compile, the fake kernels of fanet_kernels/ops.py) is chosen there.  In C++ because a
-// Python autograd formula (torch.library.register_autograd) costs ~100 us per forward+backward
-// in the interpreter: more than the kernels at small shapes.  The backward ops are
+// Python autograd formula (torch.library.register_autograd) doubles the cost of a small op's
+// forward + backward (2x16x4x4 gate_pool: 102 us against 52 us here).  The backward ops are
 // differentiable no further: a double backward through them raises (BackwardFunction).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

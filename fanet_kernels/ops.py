@@ -84,7 +84,7 @@ if HAS_EXTENSION:
                 w2.new_empty(w2.shape), b2.new_empty(b2.shape))
 
     # Autograd: csrc/autograd.cpp wires each op to its backward op as a C++ autograd node (each
-    # backward is one fused op); a Python formula here would cost ~100 us per call.
+    # backward is one fused op); a Python formula here would cost ~50 us more per call.
 
     def _compiled_backend(name: str, devices: tuple[str, ...]) -> backends.Backend:
         return backends.Backend(

@@ -450,7 +450,7 @@ def test_bad_focus_input_names_argument(target, case):
 @pytest.mark.skipif("cpu" not in FUSED, reason="compiled CPU backend not built")
 def test_native_autograd_is_a_cpp_node():
     """csrc/autograd.cpp, not a Python formula, differentiates the C++ ops: a Python autograd
-    formula would cost ~100 us per forward + backward, more than the kernels at small shapes."""
+    formula would cost ~50 us more per forward + backward, more than the kernels at small shapes."""
     x, u, k = (torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4, requires_grad=True),
                torch.rand(2, requires_grad=True))
     w1, b1, w2, b2 = (torch.randn(*s, requires_grad=True) for s in ((2, 3), (2,), (1, 2), (1,)))
