@@ -447,18 +447,23 @@ def test_bad_focus_input_names_argument(target, case):
         native_ops(backend).focus(*args)
 
 
+def native_calls(dev: str) -> dict[str, tuple]:
+    """Each differentiable C++ op with inputs that require gradients: {name: (op, inputs)}."""
+    x, u = (make((2, 4, 3, 3), torch.float32, "contiguous", device=dev, requires_grad=True, seed=s) for s in (0, 1))
+    k = make_k(2, device=dev, requires_grad=True)
+    w = [t.detach().requires_grad_() for t in make_focus_weights(4, device=dev)]
+    return {"gate": (torch.ops.fanet.gate, [x, u, k]), "gate_pool": (torch.ops.fanet.gate_pool, [x, u, k]),
+            "residual_gate_pool": (torch.ops.fanet.residual_gate_pool, [x, u, k]),
+            "focus": (torch.ops.fanet.focus, [x, *w]), "mlp": (torch.ops.fanet.mlp, [x.mean((2, 3)), *w])}
+
+
 @pytest.mark.skipif("cpu" not in FUSED, reason="compiled CPU backend not built")
 def test_native_autograd_is_a_cpp_node():
     """csrc/autograd.cpp, not a Python formula, differentiates the C++ ops: a Python autograd
     formula would cost ~50 us more per forward + backward, more than the kernels at small shapes."""
-    x, u, k = (torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4, requires_grad=True),
-               torch.rand(2, requires_grad=True))
-    w1, b1, w2, b2 = (torch.randn(*s, requires_grad=True) for s in ((2, 3), (2,), (1, 2), (1,)))
-    outs = {"gate": torch.ops.fanet.gate(x, u, k), "gate_pool": torch.ops.fanet.gate_pool(x, u, k)[0],
-            "residual_gate_pool": torch.ops.fanet.residual_gate_pool(x, u, k)[1],
-            "focus": torch.ops.fanet.focus(x, w1, b1, w2, b2),
-            "mlp": torch.ops.fanet.mlp(x.mean((2, 3)), w1, b1, w2, b2)}
-    for name, out in outs.items():
+    for name, (fn, inputs) in native_calls("cpu").items():
+        outs = fn(*inputs)
+        out = outs[0] if isinstance(outs, tuple) else outs
         assert out.grad_fn.name().startswith("torch::autograd::CppNode<fanet::"), (name, out.grad_fn.name())
 
 
@@ -467,13 +472,7 @@ def test_native_autograd_is_a_cpp_node():
 def test_double_backward_raises(target, op):
     """First derivatives only: with create_graph=True the gradients are the usual ones, and a
     backward through them raises instead of treating them as constants (a silently wrong result)."""
-    dev = target[1]
-    x, u = (make((2, 4, 3, 3), torch.float32, "contiguous", device=dev, requires_grad=True, seed=s) for s in (0, 1))
-    k = make_k(2, device=dev, requires_grad=True)
-    w = [t.detach().requires_grad_() for t in make_focus_weights(4, device=dev)]
-    fn, inputs = {"gate": (torch.ops.fanet.gate, [x, u, k]), "gate_pool": (torch.ops.fanet.gate_pool, [x, u, k]),
-                  "residual_gate_pool": (torch.ops.fanet.residual_gate_pool, [x, u, k]),
-                  "focus": (torch.ops.fanet.focus, [x, *w]), "mlp": (torch.ops.fanet.mlp, [x.mean((2, 3)), *w])}[op]
+    fn, inputs = native_calls(target[1])[op]
     outs = fn(*inputs)
     loss = sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,)))
     first = torch.autograd.grad(loss, inputs, create_graph=True)
