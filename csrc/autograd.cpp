@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace fanet {
@@ -40,6 +41,7 @@ constexpr OpPair kGatePool{"fanet::gate_pool", "fanet::gate_pool_backward"};
 constexpr OpPair kResidualGatePool{"fanet::residual_gate_pool", "fanet::residual_gate_pool_backward"};
 constexpr OpPair kFocus{"fanet::focus", "fanet::focus_backward"};
 constexpr OpPair kMlp{"fanet::mlp", "fanet::mlp_backward"};
+constexpr OpPair kBnResidualGatePool{"fanet::bn_residual_gate_pool", "fanet::bn_residual_gate_pool_backward"};
 
 // fanet::gate: (x, u, k) -> out.
 struct GateFunction : torch::autograd::Function<GateFunction> {
@@ -80,6 +82,38 @@ struct GatePoolFunction : torch::autograd::Function<GatePoolFunction<Ops>> {
   }
 };
 
+// fanet::bn_residual_gate_pool: (x, z, k, weight, bias, running_mean, running_var, training, eps) ->
+// (out, pooled, mean, var); mean and var are statistics for the caller's running stats, not
+// differentiable (in training their dependence on z is in the backward op's grad_z).
+struct BnResidualGatePoolFunction : torch::autograd::Function<BnResidualGatePoolFunction> {
+  using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                             const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                                             const std::optional<Tensor>&, bool, double);
+  using Backward = Five(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double);
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& z, const Tensor& k,
+                               const Tensor& weight, const Tensor& bias, const std::optional<Tensor>& running_mean,
+                               const std::optional<Tensor>& running_var, bool training, double eps) {
+    static const auto op = find_op<Forward>(kBnResidualGatePool.forward);
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto [out, pooled, mean, var] = op.call(x, z, k, weight, bias, running_mean, running_var, training, eps);
+    ctx->save_for_backward({x, z, k, weight, bias, mean, var});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, var});
+    return {out, pooled, mean, var};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<Backward>(kBnResidualGatePool.backward);
+    const auto s = ctx->get_saved_variables();
+    const auto [gx, gz, gk, gw, gb] = op.call(maybe(grads[0]), maybe(grads[1]), s[0], s[1], s[2], s[3], s[4], s[5],
+                                              s[6], ctx->saved_data["training"].toBool(),
+                                              ctx->saved_data["eps"].toDouble());
+    return {gx, gz, gk, gw, gb, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
 // fanet::focus and fanet::mlp: (input, w1, b1, w2, b2) -> k.
 template <const OpPair& Ops>
 struct HeadFunction : torch::autograd::Function<HeadFunction<Ops>> {
@@ -104,14 +138,18 @@ struct HeadFunction : torch::autograd::Function<HeadFunction<Ops>> {
 // double backward (create_graph=True, then a backward through these gradients) would only warn
 // and treat the gradients as constants: a silently wrong result.  With create_graph its outputs
 // get a node that raises when such a backward reaches it; without, it costs nothing.
+// Tensors by const reference, scalars (bool, double) by value: the dispatcher's C++ signature.
+template <typename T>
+using Param = std::conditional_t<std::is_arithmetic_v<T>, T, const T&>;
+
 template <const OpPair& Ops, typename Result, typename... Args>
 struct BackwardFunction : torch::autograd::Function<BackwardFunction<Ops, Result, Args...>> {
-  static Result call(const Args&... args) {
-    static const auto op = find_op<Result(const Args&...)>(Ops.backward);
+  static Result call(Param<Args>... args) {
+    static const auto op = find_op<Result(Param<Args>...)>(Ops.backward);
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(args...);
   }
-  static variable_list forward(AutogradContext*, const Args&... args) {
+  static variable_list forward(AutogradContext*, Param<Args>... args) {
     return std::apply([](auto&&... grads) { return variable_list{grads...}; }, call(args...));
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -122,7 +160,7 @@ struct BackwardFunction : torch::autograd::Function<BackwardFunction<Ops, Result
 };
 
 template <const OpPair& Ops, typename Result, typename... Args>
-Result backward_op(const Args&... args) {
+Result backward_op(Param<Args>... args) {
   using F = BackwardFunction<Ops, Result, Args...>;
   if (!at::GradMode::is_enabled()) return F::call(args...);  // an ordinary backward: no node
   const auto grads = F::apply(args...);
@@ -140,6 +178,15 @@ std::tuple<Tensor, Tensor> gate_pool(const Tensor& x, const Tensor& u, const Ten
   return {r[0], r[1]};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool(const Tensor& x, const Tensor& z, const Tensor& k,
+                                                                  const Tensor& weight, const Tensor& bias,
+                                                                  const std::optional<Tensor>& running_mean,
+                                                                  const std::optional<Tensor>& running_var,
+                                                                  bool training, double eps) {
+  const auto r = BnResidualGatePoolFunction::apply(x, z, k, weight, bias, running_mean, running_var, training, eps);
+  return {r[0], r[1], r[2], r[3]};
+}
+
 template <const OpPair& Ops>
 Tensor head(const Tensor& in, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
   return HeadFunction<Ops>::apply(in, w1, b1, w2, b2);
@@ -153,11 +200,14 @@ TORCH_LIBRARY_IMPL(fanet, Autograd, m) {
   m.impl("residual_gate_pool", &gate_pool<kResidualGatePool>);
   m.impl("focus", &head<kFocus>);
   m.impl("mlp", &head<kMlp>);
+  m.impl("bn_residual_gate_pool", &bn_residual_gate_pool);
   m.impl("gate_backward", &backward_op<kGate, Triple, Tensor, Tensor, Tensor, Tensor>);
   m.impl("gate_pool_backward", &backward_op<kGatePool, Triple, Grad, Grad, Tensor, Tensor, Tensor>);
   m.impl("residual_gate_pool_backward", &backward_op<kResidualGatePool, Triple, Grad, Grad, Tensor, Tensor, Tensor>);
   m.impl("focus_backward", &backward_op<kFocus, Five, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>);
   m.impl("mlp_backward", &backward_op<kMlp, Five, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>);
+  m.impl("bn_residual_gate_pool_backward", &backward_op<kBnResidualGatePool, Five, Grad, Grad, Tensor, Tensor, Tensor,
+                                                        Tensor, Tensor, Tensor, Tensor, bool, double>);
 }
 
 }  // namespace fanet

@@ -26,6 +26,14 @@ TORCH_LIBRARY(fanet, m) {
   // The same with u = relu(branch + x) formed on the fly: a residual block with an identity
   // shortcut hands over its branch, and its add and ReLU run inside the gate.
   m.def("residual_gate_pool(Tensor x, Tensor branch, Tensor k) -> (Tensor, Tensor)", tags);
+  // residual_gate_pool with branch = batch_norm(z): the branch's last BatchNorm folded into the
+  // gate's pass (CPU kernels only; the Python wrappers compose it elsewhere).  Training: z's batch
+  // statistics, returned as (mean, var) (biased var) for the caller to update its running stats;
+  // else the running stats, returned as given.  Running stats are never written here.
+  m.def(
+      "bn_residual_gate_pool(Tensor x, Tensor z, Tensor k, Tensor weight, Tensor bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
   // k'[n] = sigmoid(w2 . relu(w1 . mean_hw(x[n]) + b1) + b2)
   m.def("focus(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", tags);
   // The MLP head alone on inputs l (N, C): k[n] = sigmoid(w2 . relu(w1 . l[n] + b1) + b2).  FA's
@@ -44,6 +52,12 @@ TORCH_LIBRARY(fanet, m) {
   m.def(
       "residual_gate_pool_backward(Tensor? grad_out, Tensor? grad_pooled, Tensor x, Tensor branch, Tensor k) "
       "-> (Tensor, Tensor, Tensor)",
+      tags);
+  // -> (grad_x, grad_z, grad_k, grad_weight, grad_bias); mean, var: the forward's.
+  m.def(
+      "bn_residual_gate_pool_backward(Tensor? grad_out, Tensor? grad_pooled, Tensor x, Tensor z, Tensor k, "
+      "Tensor weight, Tensor bias, Tensor mean, Tensor var, bool training, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       tags);
   // -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
   m.def(

@@ -5,14 +5,14 @@ from . import backends, complexity, ops, reference, zoo
 from .apply import apply_fa
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .modules import FAGate, FASequential, FAStage, FAStages, ResidualBlock, SEBlock, collect_k
-from .ops import HAS_EXTENSION, focus, gate, gate_pool, residual_gate_pool
+from .ops import HAS_EXTENSION, bn_residual_gate_pool, focus, gate, gate_pool, residual_gate_pool
 
 backends.preload()
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply_fa", "available_backends", "backends", "collect_k", "complexity", "FAGate", "FASequential",
+    "apply_fa", "available_backends", "backends", "bn_residual_gate_pool", "collect_k", "complexity", "FAGate", "FASequential",
     "FAStage", "FAStages", "focus", "gate", "gate_pool", "get_backend", "HAS_EXTENSION", "ops",
     "reference", "residual_gate_pool", "ResidualBlock", "SEBlock", "set_backend", "use_backend", "zoo",
 ]

@@ -79,6 +79,25 @@ def _check_mlp_weights(inp: torch.Tensor, inp_name: str, w1: torch.Tensor, b1: t
               f"argument '{name}' must be on the device of {inp_name} ({inp.device}), got {t.device}")
 
 
+def check_bn(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean, running_var,
+             training: bool, names: tuple[str, str] = ("running_mean", "running_var")) -> None:
+    """The BatchNorm arguments of bn_residual_gate_pool against z (N, C, H, W): weight, bias and the
+    running stats where given are (C,) floating tensors on z's device; eval needs the running stats,
+    training more than one value per channel (F.batch_norm's rule).  ``names``: of the statistics in
+    messages (the backward op's are the forward's "mean" and "var")."""
+    c = z.shape[1]
+    _need(training or (running_mean is not None and running_var is not None),
+          f"arguments '{names[0]}' and '{names[1]}' are required when not training")
+    for name, t in (("weight", weight), ("bias", bias), (names[0], running_mean), (names[1], running_var)):
+        if t is None:
+            continue
+        check_float(t, name)
+        _need(t.dim() == 1 and t.shape[0] == c, f"argument '{name}' must have shape (C,) = ({c},), got {_shape(t)}")
+        _need(t.device == z.device, f"argument '{name}' must be on the device of z ({z.device}), got {t.device}")
+    _need(not training or c == 0 or z.numel() // c != 1,
+          f"argument 'z': Expected more than 1 value per channel when training, got input size {_shape(z)}")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums and means accumulate in float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,5 +1,6 @@
-"""The fused ops ``fanet::gate``, ``fanet::gate_pool``, ``fanet::focus`` (SPEC §4) and
-``fanet::residual_gate_pool`` (gate_pool with the residual block's add and ReLU folded in).
+"""The fused ops ``fanet::gate``, ``fanet::gate_pool``, ``fanet::focus`` (SPEC §4),
+``fanet::residual_gate_pool`` (gate_pool with the residual block's add and ReLU folded in) and
+``fanet::bn_residual_gate_pool`` (that with the branch's last BatchNorm folded in too).
 
 Their schemas are defined in C++ (csrc/fanet.cpp), their kernels in csrc/cpu and csrc/cuda and
 their autograd in csrc/autograd.cpp (each forward op wired to its backward op); this file
@@ -83,6 +84,35 @@ if HAS_EXTENSION:
         return (_validate.empty_out(x), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
                 w2.new_empty(w2.shape), b2.new_empty(b2.shape))
 
+    @torch.library.register_fake("fanet::bn_residual_gate_pool")
+    def _bn_residual_gate_pool_fake(x, z, k, weight, bias, running_mean, running_var, training, eps):
+        _validate.check_gate(x, z, k, "z")
+        _validate.check_bn(z, weight, bias, running_mean, running_var, training)
+        c, acc = x.shape[1], _validate.acc_dtype(x.dtype)
+        return (_validate.empty_out(x), x.new_empty((x.shape[0], c)), x.new_empty((c,), dtype=acc),
+                x.new_empty((c,), dtype=acc))
+
+    @torch.library.register_fake("fanet::bn_residual_gate_pool_backward")
+    def _bn_residual_gate_pool_backward_fake(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, training, eps):
+        _validate.check_gate(x, z, k, "z")
+        _validate.check_bn(z, weight, bias, mean, var, False, names=("mean", "var"))
+        return (_validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape), weight.new_empty(weight.shape),
+                bias.new_empty(bias.shape))
+
+    def _native_bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, training, momentum, eps):
+        """The C++ op, and the running stats updated from the batch statistics it returns, as
+        F.batch_norm updates them (running_var with the unbiased variance)."""
+        out, pooled, mean, var = torch.ops.fanet.bn_residual_gate_pool(x, z, k, weight, bias, running_mean,
+                                                                        running_var, training, eps)
+        if training:
+            n = z.numel() // z.shape[1]
+            with torch.no_grad():
+                if running_mean is not None:
+                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                if running_var is not None:
+                    running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+        return out, pooled
+
     # Autograd: csrc/autograd.cpp wires each op to its backward op as a C++ autograd node (each
     # backward is one fused op); a Python formula here would cost ~50 us more per call.
 
@@ -91,7 +121,7 @@ if HAS_EXTENSION:
             name=name, devices=devices, gate=torch.ops.fanet.gate.default,
             gate_pool=torch.ops.fanet.gate_pool.default, focus=torch.ops.fanet.focus.default,
             residual_gate_pool=torch.ops.fanet.residual_gate_pool.default, mlp=torch.ops.fanet.mlp.default,
-            checks_args=True,
+            bn_residual_gate_pool=_native_bn_residual_gate_pool if name == "cpu" else None, checks_args=True,
         )
 
     BACKENDS = {"cpu": _compiled_backend("cpu", ("cpu",))}
@@ -141,6 +171,26 @@ def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor, k: torch.Tensor, *
     if not impl.checks_args:
         _validate.check_gate(x, branch, k, "branch")
     return impl.residual_gate_pool(x, branch, k)
+
+
+def bn_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
+                          running_var: Optional[torch.Tensor] = None, training: bool = True, momentum: float = 0.1,
+                          eps: float = 1e-5, *, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual_gate_pool(x, F.batch_norm(z, running_mean, running_var, weight, bias, training, momentum,
+    eps), k)``: a residual block whose branch ends in a BatchNorm (z: the branch before it), with that
+    BatchNorm folded into the gate.  The running stats are updated as F.batch_norm updates them.  On the
+    CPU backend one op: the batch statistics take one read of z, the normalized branch is never
+    written, and the backward is two passes instead of the gate's and BatchNorm's three.  Other backends
+    run F.batch_norm and their residual_gate_pool."""
+    impl = _backend_for(backend, x)
+    if impl.bn_residual_gate_pool is None or x.numel() == 0:
+        branch = torch.nn.functional.batch_norm(z, running_mean, running_var, weight, bias, training, momentum, eps)
+        return residual_gate_pool(x, branch, k, backend=impl.name)
+    if not impl.checks_args:
+        _validate.check_gate(x, z, k, "z")
+        _validate.check_bn(z, weight, bias, running_mean, running_var, training)
+    return impl.bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from typing import Optional
+
 from . import _validate
 from .backends import Backend
 
@@ -33,6 +35,24 @@ def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor,
     with an identity shortcut, given its residual branch."""
     acc = _acc(x.dtype)
     return _with_pool(_gate_acc(x, F.relu(branch.to(acc) + x.to(acc)), k), x.dtype)
+
+
+def bn_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
+                          running_var: Optional[torch.Tensor] = None, training: bool = True, momentum: float = 0.1,
+                          eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual_gate_pool(x, F.batch_norm(z, running_mean, running_var, weight, bias, training,
+    momentum, eps), k)`` with the batch norm in the accumulation dtype: a residual block whose branch
+    ends in a BatchNorm, that BatchNorm folded into the gate.  Updates the running stats as
+    F.batch_norm does."""
+    acc = _acc(x.dtype)
+    stats = [None if t is None else t.to(acc) for t in (running_mean, running_var)]  # t itself if already acc
+    branch = F.batch_norm(z.to(acc), stats[0], stats[1], weight.to(acc), bias.to(acc), training, momentum, eps)
+    with torch.no_grad():
+        for t, s in zip((running_mean, running_var), stats):
+            if t is not None and s is not t:
+                t.copy_(s)
+    return residual_gate_pool(x, branch, k)
 
 
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
@@ -69,7 +89,8 @@ def associate(history: list[torch.Tensor], k_focus: torch.Tensor, w3: torch.Tens
 
 
 BACKEND = Backend(name="reference", devices=("cpu", "cuda", "meta", "mps", "xpu"),
-                  gate=gate, gate_pool=gate_pool, focus=focus, residual_gate_pool=residual_gate_pool, mlp=mlp)
+                  gate=gate, gate_pool=gate_pool, focus=focus, residual_gate_pool=residual_gate_pool, mlp=mlp,
+                  bn_residual_gate_pool=bn_residual_gate_pool)
 
 
 # ---- SPEC §1 / §2: one FA block, a chain, the stage level, with explicit weights --------

@@ -132,6 +132,36 @@ inline GateInputs prepare_gate(const at::Tensor& x, const at::Tensor& u, const a
           /*residual=*/false};
 }
 
+// The BatchNorm arguments of bn_residual_gate_pool, checked against z (N, C, H, W): weight, bias and
+// the running stats where given are (C,) floating tensors on z's device; eval needs the running
+// stats, training more than one value per channel (F.batch_norm's rule).  The backward op passes the
+// forward's statistics under their own names.
+inline void check_bn_args(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
+                          const std::optional<at::Tensor>& running_mean,
+                          const std::optional<at::Tensor>& running_var, bool training,
+                          const char* mean_name = "running_mean", const char* var_name = "running_var") {
+  const int64_t C = z.size(1);
+  const bool has_stats = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
+                         running_var->defined();
+  TORCH_CHECK_VALUE(training || has_stats, "fanet: arguments '", mean_name, "' and '", var_name,
+                    "' are required when not training");
+  const std::pair<const at::Tensor*, const char*> ps[] = {
+      {&weight, "weight"}, {&bias, "bias"},
+      {running_mean.has_value() ? &*running_mean : nullptr, mean_name},
+      {running_var.has_value() ? &*running_var : nullptr, var_name}};
+  for (const auto& [t, name] : ps) {
+    if (t == nullptr || !t->defined()) continue;
+    check_float(*t, name);
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, "fanet: argument '", name, "' must have shape (C,) = (", C,
+                      ",), got ", shape_str(*t));
+    TORCH_CHECK_VALUE(t->device() == z.device(), "fanet: argument '", name, "' must be on the device of z (",
+                      z.device(), "), got ", t->device());
+  }
+  TORCH_CHECK_VALUE(!training || C == 0 || z.numel() / C != 1,
+                    "fanet: argument 'z': Expected more than 1 value per channel when training, got input size ",
+                    shape_str(z));
+}
+
 // MLP weights (focus or association) in the accumulation dtype of its input, contiguous
 // (they are tiny).
 struct FocusWeights {

@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -109,7 +111,42 @@ struct Lanes {
   static inline acc_t sum(const AVec& a, const AVec& b) {
     return vec::vec_reduce_all<acc_t>([](AVec& l, AVec& r) { return l + r; }, a + b);
   }
+  // Zeroes the lanes from n on: a masked step loads them as zero, but a BatchNorm shift turns a
+  // zero into a value that would enter the channel sums.
+  static inline void keep_first(AVec& a, AVec& b, int64_t n) {
+    const AVec lane = AVec::arange(acc_t(0), acc_t(1)), zero(acc_t(0));
+    a = AVec::blendv(zero, a, lane < AVec(acc_t(n)));
+    b = AVec::blendv(zero, b, lane < AVec(acc_t(n - AVec::size())));
+  }
 };
+
+// Per-channel coefficients: row r of a (rows, C) acc_t table as lane vectors v[2r], v[2r + 1].
+// plane: every lane channel c (an NCHW plane); row: lanes = channels c .. c + n (a channels_last
+// row); tile: lane l = channel l % C (spans_rows).
+template <typename L, int kRows>
+struct ChannelTable {
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  const acc_t* t;
+  int64_t C;
+  inline void plane(int64_t c, AVec* v) const {
+    for (int r = 0; r < kRows; ++r) v[2 * r] = v[2 * r + 1] = AVec(t[r * C + c]);
+  }
+  inline void row(int64_t c, int64_t n, AVec* v) const {
+    for (int r = 0; r < kRows; ++r) L::load_acc(t + r * C + c, v[2 * r], v[2 * r + 1], n);
+  }
+  inline void tile(AVec* v) const {
+    alignas(64) acc_t buf[L::kStep];
+    for (int r = 0; r < kRows; ++r) {
+      for (int64_t l = 0; l < L::kStep; ++l) buf[l] = t[r * C + l % C];
+      L::load_acc(buf, v[2 * r], v[2 * r + 1]);
+    }
+  }
+};
+
+// Rows of the BatchNorm tables of bn_residual_gate_pool (built by norm_table): B = z * alpha + beta
+// is the normalized branch, xhat = z * invstd + shift the normalized input.
+enum NormRow { kAlpha, kBeta, kInvstd, kShift, kNormRows };
 
 // Channel block of one channels_last work unit: its running sums stay in L1.  A multiple
 // of every kStep, so masked steps stay inside the block's sums.
@@ -136,15 +173,20 @@ enum class Fwd { kGate, kGatePool, kPool };
 
 // n <= kStep elements at offset `at`: v0/v1 receive what the pool sums (out, or x for
 // kPool); masked lanes are zero (x = u = 0 gives out = 0), so they add nothing.  kResidual:
-// u holds a residual branch B and the gate weights towards relu(B + x).
-template <Fwd kMode, bool kResidual, typename scalar_t, typename AVec = typename Lanes<scalar_t>::AVec>
+// u holds a residual branch B and the gate weights towards relu(B + x); kNorm: u holds z and
+// B = z * alpha + beta (nv: the NormRow lane vectors of these channels).
+template <Fwd kMode, bool kResidual, bool kNorm, typename scalar_t, typename AVec = typename Lanes<scalar_t>::AVec>
 inline void forward_step(const scalar_t* x, const scalar_t* u, scalar_t* out, int64_t at, int64_t n, AVec k,
-                         AVec& v0, AVec& v1) {
+                         const AVec* nv, AVec& v0, AVec& v1) {
   using L = Lanes<scalar_t>;
   L::load(x + at, v0, v1, n);
   if constexpr (kMode != Fwd::kPool) {
     AVec u0, u1;
     L::load(u + at, u0, u1, n);
+    if constexpr (kNorm) {
+      u0 = vec::fmadd(u0, nv[2 * kAlpha], nv[2 * kBeta]);
+      u1 = vec::fmadd(u1, nv[2 * kAlpha + 1], nv[2 * kBeta + 1]);
+    }
     if constexpr (kResidual) {
       u0 = math::residual_output(v0, u0);
       u1 = math::residual_output(v1, u1);
@@ -152,23 +194,28 @@ inline void forward_step(const scalar_t* x, const scalar_t* u, scalar_t* out, in
     v0 = math::gate(v0, u0, k);
     v1 = math::gate(v1, u1, k);
     L::store(out + at, v0, v1, n);
+    if (kNorm && n < L::kStep) L::keep_first(v0, v1, n);
   }
 }
 
-template <typename scalar_t, Fwd kMode, bool kResidual>
+template <typename scalar_t, Fwd kMode, bool kResidual, bool kNorm>
 void forward_nchw(const scalar_t* x, const scalar_t* u, const at::opmath_type<scalar_t>* k,
-                  scalar_t* out, at::opmath_type<scalar_t>* pooled, int64_t N, int64_t C, int64_t HW) {
+                  const at::opmath_type<scalar_t>* norm, scalar_t* out, at::opmath_type<scalar_t>* pooled,
+                  int64_t N, int64_t C, int64_t HW) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
   const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  const ChannelTable<L, kNormRows> table{norm, C};
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c)
       const AVec kv(kMode == Fwd::kPool ? acc_t(0) : k[p / C]);
+      AVec nv[2 * kNormRows];
+      if constexpr (kNorm) table.plane(p % C, nv);
       AVec s0(acc_t(0)), s1(acc_t(0));
       for (int64_t i = 0; i < HW; i += L::kStep) {
         AVec v0, v1;
-        forward_step<kMode, kResidual>(x, u, out, p * HW + i, std::min(L::kStep, HW - i), kv, v0, v1);
+        forward_step<kMode, kResidual, kNorm>(x, u, out, p * HW + i, std::min(L::kStep, HW - i), kv, nv, v0, v1);
         if constexpr (kMode != Fwd::kGate) {
           s0 = s0 + v0;
           s1 = s1 + v1;
@@ -179,15 +226,19 @@ void forward_nchw(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
   });
 }
 
-template <typename scalar_t, Fwd kMode, bool kResidual>
+template <typename scalar_t, Fwd kMode, bool kResidual, bool kNorm>
 void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<scalar_t>* k,
-                  scalar_t* out, at::opmath_type<scalar_t>* pooled, int64_t N, int64_t C, int64_t HW) {
+                  const at::opmath_type<scalar_t>* norm, scalar_t* out, at::opmath_type<scalar_t>* pooled,
+                  int64_t N, int64_t C, int64_t HW) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
   const acc_t inv_hw = acc_t(1) / acc_t(HW);
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   const bool span = spans_rows<L>(C);
+  const ChannelTable<L, kNormRows> table{norm, C};
+  AVec tiled[2 * kNormRows];
+  if (kNorm && span) table.tile(tiled);
   at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t sums[kChannelBlock];
     for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
@@ -200,7 +251,7 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
         AVec s0(acc_t(0)), s1(acc_t(0));
         for (int64_t i = 0; i < len; i += L::kStep) {
           AVec v0, v1;
-          forward_step<kMode, kResidual>(x, u, out, base + i, std::min(L::kStep, len - i), kv, v0, v1);
+          forward_step<kMode, kResidual, kNorm>(x, u, out, base + i, std::min(L::kStep, len - i), kv, tiled, v0, v1);
           if constexpr (kMode != Fwd::kGate) {
             s0 = s0 + v0;
             s1 = s1 + v1;
@@ -216,8 +267,10 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
         for (int64_t hw = 0; hw < HW; ++hw) {
           const int64_t base = (n * HW + hw) * C + c0;
           for (int64_t j = 0; j < cb; j += L::kStep) {
-            AVec v0, v1;
-            forward_step<kMode, kResidual>(x, u, out, base + j, std::min(L::kStep, cb - j), kv, v0, v1);
+            const int64_t cnt = std::min(L::kStep, cb - j);
+            AVec v0, v1, nv[2 * kNormRows];
+            if constexpr (kNorm) table.row(c0 + j, cnt, nv);
+            forward_step<kMode, kResidual, kNorm>(x, u, out, base + j, cnt, kv, nv, v0, v1);
             if constexpr (kMode != Fwd::kGate) {
               (AVec::loadu(sums + j) + v0).store(sums + j);
               (AVec::loadu(sums + j + AVec::size()) + v1).store(sums + j + AVec::size());
@@ -240,11 +293,15 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
 // n <= kStep elements at offset `at`; gp0/gp1 are the pooled gradients of those lanes, s0/s1
 // the running grad_k sums.  Masked lanes have u - x = 0, so they add nothing to grad_k.
 // kResidual: u holds the branch B, gu receives grad_B and gx includes the shortcut's share.
-template <bool kFold, bool kResidual, typename scalar_t, typename AVec = typename Lanes<scalar_t>::AVec>
+// kNorm: u holds z, B = z * alpha + beta (nv: NormRow lane vectors), and cs[0..3] take the
+// BatchNorm's channel sums of grad_B and grad_B * xhat.
+template <bool kFold, bool kResidual, bool kNorm, typename scalar_t,
+          typename AVec = typename Lanes<scalar_t>::AVec>
 inline void backward_step(const scalar_t* g, const scalar_t* x, const scalar_t* u, scalar_t* gx, scalar_t* gu,
-                          int64_t at, int64_t n, AVec k, AVec gp0, AVec gp1, AVec inv_hw, AVec& s0, AVec& s1) {
+                          int64_t at, int64_t n, AVec k, AVec gp0, AVec gp1, AVec inv_hw, const AVec* nv,
+                          AVec* cs, AVec& s0, AVec& s1) {
   using L = Lanes<scalar_t>;
-  AVec g0, g1, x0, x1, u0, u1;
+  AVec g0, g1, x0, x1, u0, u1, xh0, xh1;
   L::load(g + at, g0, g1, n);
   L::load(x + at, x0, x1, n);
   L::load(u + at, u0, u1, n);
@@ -252,8 +309,21 @@ inline void backward_step(const scalar_t* g, const scalar_t* x, const scalar_t* 
     g0 = math::fold_pooled_grad(g0, gp0, inv_hw);
     g1 = math::fold_pooled_grad(g1, gp1, inv_hw);
   }
+  if constexpr (kNorm) {
+    if (n < L::kStep) L::keep_first(g0, g1, n);  // masked lanes: B = beta, not 0
+    xh0 = vec::fmadd(u0, nv[2 * kInvstd], nv[2 * kShift]);
+    xh1 = vec::fmadd(u1, nv[2 * kInvstd + 1], nv[2 * kShift + 1]);
+    u0 = vec::fmadd(u0, nv[2 * kAlpha], nv[2 * kBeta]);
+    u1 = vec::fmadd(u1, nv[2 * kAlpha + 1], nv[2 * kBeta + 1]);
+  }
   if constexpr (kResidual) {
     const AVec gb0 = math::residual_grad_branch(g0, k, x0, u0), gb1 = math::residual_grad_branch(g1, k, x1, u1);
+    if constexpr (kNorm) {
+      cs[0] = cs[0] + gb0;
+      cs[1] = cs[1] + gb1;
+      cs[2] = vec::fmadd(gb0, xh0, cs[2]);
+      cs[3] = vec::fmadd(gb1, xh1, cs[3]);
+    }
     L::store(gx + at, math::residual_grad_x(g0, k, gb0), math::residual_grad_x(g1, k, gb1), n);
     L::store(gu + at, gb0, gb1, n);
     u0 = math::residual_output(x0, u0);
@@ -266,66 +336,316 @@ inline void backward_step(const scalar_t* g, const scalar_t* x, const scalar_t* 
   s1 = s1 + math::gate_grad_k_term(g1, x1, u1);
 }
 
-template <typename scalar_t, bool kFold, bool kResidual>
+// The two channel sums of the BatchNorm (of z for its statistics, of grad_B and grad_B * xhat for
+// its backward) add up in acc_t lanes for at most kSumSteps steps per lane, then in double: a
+// channels_last unit sums every row of a sample in one lane, and float32 sums over a 64x64 map
+// drifted by 1e-5 relative.
+constexpr int64_t kSumSteps = 64;
+
+// Double totals of the lane sums cs[0..3] (two sums, two vectors each) of a unit whose lanes all
+// hold one channel (an NCHW plane: kTiled false, two scalars) or lane l channel l % C (spans_rows:
+// kTiled, per lane; such a unit is a whole sample, so the per-lane work is amortized).
+template <typename L, bool kTiled>
+struct LaneTotals {
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  double t[2][kTiled ? L::kStep : 1] = {};
+  int64_t steps = 0;
+  // After each step: every kSumSteps steps, cs moves into the totals.
+  inline void count(AVec* cs) {
+    if (++steps == kSumSteps) fold(cs);
+  }
+  inline void fold(AVec* cs) {
+    for (int s = 0; s < 2; ++s) {
+      if constexpr (kTiled) {
+        alignas(64) acc_t lanes[L::kStep];
+        cs[2 * s].store(lanes);
+        cs[2 * s + 1].store(lanes + AVec::size());
+        for (int64_t l = 0; l < L::kStep; ++l) t[s][l] += lanes[l];
+      } else {
+        t[s][0] += L::sum(cs[2 * s], cs[2 * s + 1]);
+      }
+      cs[2 * s] = cs[2 * s + 1] = AVec(acc_t(0));
+    }
+    steps = 0;
+  }
+  // The pairs (sum 0, sum 1) per channel into csum[2 * c]: the plane's channel, or the C tiled ones.
+  inline void store(AVec* cs, acc_t* csum, int64_t C) {
+    fold(cs);
+    for (int s = 0; s < 2; ++s) {
+      if constexpr (kTiled) {
+        double per[L::kStep] = {};
+        for (int64_t l = 0; l < L::kStep; ++l) per[l % C] += t[s][l];
+        for (int64_t c = 0; c < C; ++c) csum[2 * c + s] = acc_t(per[c]);
+      } else {
+        csum[s] = acc_t(t[s][0]);
+      }
+    }
+  }
+};
+
+// The same for a channels_last unit that is not tiled: per channel of the block, acc_t sums that
+// the caller adds rows into, folded into double every kSumSteps rows.
+template <typename acc_t>
+struct BlockTotals {
+  alignas(64) acc_t sums[2][kChannelBlock];
+  double t[2][kChannelBlock];
+  int64_t rows = 0;
+  inline void reset() {
+    std::fill(&sums[0][0], &sums[0][0] + 2 * kChannelBlock, acc_t(0));
+    std::fill(&t[0][0], &t[0][0] + 2 * kChannelBlock, 0.0);
+    rows = 0;
+  }
+  // The running sums of channels j .. j + kStep as the lane vectors cs[0..3], and back.
+  template <typename AVec>
+  inline void load(int64_t j, AVec* cs) const {
+    for (int s = 0; s < 2; ++s) {
+      cs[2 * s] = AVec::loadu(sums[s] + j);
+      cs[2 * s + 1] = AVec::loadu(sums[s] + j + AVec::size());
+    }
+  }
+  template <typename AVec>
+  inline void save(int64_t j, const AVec* cs) {
+    for (int s = 0; s < 2; ++s) {
+      cs[2 * s].store(sums[s] + j);
+      cs[2 * s + 1].store(sums[s] + j + AVec::size());
+    }
+  }
+  inline void end_row(int64_t cb) {
+    if (++rows == kSumSteps) fold(cb);
+  }
+  inline void fold(int64_t cb) {
+    for (int s = 0; s < 2; ++s) {
+      for (int64_t j = 0; j < cb; ++j) t[s][j] += sums[s][j];
+      std::fill(sums[s], sums[s] + kChannelBlock, acc_t(0));
+    }
+    rows = 0;
+  }
+  inline void store(acc_t* csum, int64_t cb) {  // csum: the pair of the block's first channel
+    fold(cb);
+    for (int64_t j = 0; j < cb; ++j) {
+      csum[2 * j] = acc_t(t[0][j]);
+      csum[2 * j + 1] = acc_t(t[1][j]);
+    }
+  }
+};
+
+template <typename scalar_t, bool kFold, bool kResidual, bool kNorm>
 void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x,
-                        const scalar_t* u, const at::opmath_type<scalar_t>* k, scalar_t* gx, scalar_t* gu,
-                        at::opmath_type<scalar_t>* partial, int64_t N, int64_t C, int64_t HW) {
+                        const scalar_t* u, const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* norm,
+                        scalar_t* gx, scalar_t* gu, at::opmath_type<scalar_t>* partial,
+                        at::opmath_type<scalar_t>* csum, int64_t N, int64_t C, int64_t HW) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
   const AVec ihv(acc_t(1) / acc_t(HW));
+  const ChannelTable<L, kNormRows> table{norm, C};
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c): one k, one pooled gradient
       const AVec kv(k[p / C]), gpv(kFold ? gp[p] : acc_t(0));
-      AVec s0(acc_t(0)), s1(acc_t(0));
-      for (int64_t i = 0; i < HW; i += L::kStep)
-        backward_step<kFold, kResidual>(g, x, u, gx, gu, p * HW + i, std::min(L::kStep, HW - i), kv, gpv, gpv, ihv, s0, s1);
+      AVec s0(acc_t(0)), s1(acc_t(0)), nv[2 * kNormRows], cs[4];
+      LaneTotals<L, false> tot;
+      if constexpr (kNorm) {
+        table.plane(p % C, nv);
+        std::fill(cs, cs + 4, AVec(acc_t(0)));
+      }
+      for (int64_t i = 0; i < HW; i += L::kStep) {
+        backward_step<kFold, kResidual, kNorm>(g, x, u, gx, gu, p * HW + i, std::min(L::kStep, HW - i), kv, gpv, gpv,
+                                               ihv, nv, cs, s0, s1);
+        if constexpr (kNorm) tot.count(cs);
+      }
       partial[p] = L::sum(s0, s1);
+      if constexpr (kNorm) tot.store(cs, csum + 2 * p, C);
     }
   });
 }
 
-template <typename scalar_t, bool kFold, bool kResidual>
+template <typename scalar_t, bool kFold, bool kResidual, bool kNorm>
 void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x,
-                        const scalar_t* u, const at::opmath_type<scalar_t>* k, scalar_t* gx, scalar_t* gu,
-                        at::opmath_type<scalar_t>* partial, int64_t N, int64_t C, int64_t HW) {
+                        const scalar_t* u, const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* norm,
+                        scalar_t* gx, scalar_t* gu, at::opmath_type<scalar_t>* partial,
+                        at::opmath_type<scalar_t>* csum, int64_t N, int64_t C, int64_t HW) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
   const AVec ihv(acc_t(1) / acc_t(HW)), zero(acc_t(0));
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   const bool span = spans_rows<L>(C);
+  const ChannelTable<L, kNormRows> table{norm, C};
+  AVec tiled[2 * kNormRows];
+  if (kNorm && span) table.tile(tiled);
   at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
+    BlockTotals<acc_t> block;  // kNorm: the channel sums of a unit that is not tiled
     for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
       const int64_t n = unit / blocks;
       const int64_t c0 = (unit % blocks) * kChannelBlock;
       const int64_t cb = std::min(kChannelBlock, C - c0);
       const AVec kv(k[n]);
       const acc_t* gpn = kFold ? gp + n * C + c0 : nullptr;  // one pooled gradient per channel
-      AVec s0(acc_t(0)), s1(acc_t(0));
+      AVec s0(acc_t(0)), s1(acc_t(0)), cs[4] = {zero, zero, zero, zero};
       if (span) {  // the sample's HW * C elements as one stream; lane l holds channel l % C
         AVec gp0 = zero, gp1 = zero;
         if constexpr (kFold) {
-          alignas(64) acc_t tile[L::kStep];
-          for (int64_t l = 0; l < L::kStep; ++l) tile[l] = gpn[l % C];
-          L::load_acc(tile, gp0, gp1);
+          AVec gpv[2];
+          ChannelTable<L, 1>{gpn, C}.tile(gpv);
+          gp0 = gpv[0];
+          gp1 = gpv[1];
         }
         const int64_t base = n * HW * C, len = HW * C;
-        for (int64_t i = 0; i < len; i += L::kStep)
-          backward_step<kFold, kResidual>(g, x, u, gx, gu, base + i, std::min(L::kStep, len - i), kv, gp0, gp1, ihv,
-                                          s0, s1);
+        LaneTotals<L, true> tot;
+        for (int64_t i = 0; i < len; i += L::kStep) {
+          backward_step<kFold, kResidual, kNorm>(g, x, u, gx, gu, base + i, std::min(L::kStep, len - i), kv, gp0, gp1,
+                                                 ihv, tiled, cs, s0, s1);
+          if constexpr (kNorm) tot.count(cs);
+        }
+        if constexpr (kNorm) tot.store(cs, csum + 2 * n * C, C);
       } else {
+        if constexpr (kNorm) block.reset();
         for (int64_t hw = 0; hw < HW; ++hw) {
           const int64_t base = (n * HW + hw) * C + c0;
           for (int64_t j = 0; j < cb; j += L::kStep) {
             const int64_t cnt = std::min(L::kStep, cb - j);
-            AVec gp0 = zero, gp1 = zero;
+            AVec gp0 = zero, gp1 = zero, nv[2 * kNormRows];
             if constexpr (kFold) L::load_acc(gpn + j, gp0, gp1, cnt);
-            backward_step<kFold, kResidual>(g, x, u, gx, gu, base + j, cnt, kv, gp0, gp1, ihv, s0, s1);
+            if constexpr (kNorm) {
+              table.row(c0 + j, cnt, nv);
+              block.load(j, cs);
+            }
+            backward_step<kFold, kResidual, kNorm>(g, x, u, gx, gu, base + j, cnt, kv, gp0, gp1, ihv, nv, cs, s0, s1);
+            if constexpr (kNorm) block.save(j, cs);
           }
+          if constexpr (kNorm) block.end_row(cb);
         }
+        if constexpr (kNorm) block.store(csum + 2 * (n * C + c0), cb);
       }
       partial[unit] = L::sum(s0, s1);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// The BatchNorm of bn_residual_gate_pool: z's batch statistics, and its input gradient.
+
+// Shifted sums of z per (n, c) into csum[(n * C + c) * 2]: sum(z - K_c), sum((z - K_c)^2), with
+// K_c = shift[c] a value of channel c.  The shift keeps the variance accurate where the mean is
+// large against the spread (a plain sum of squares cancels there).
+template <typename scalar_t>
+void channel_sums(const scalar_t* z, const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* csum,
+                  int64_t N, int64_t C, int64_t HW, bool channels_last) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  const ChannelTable<L, 1> table{shift, C};
+  const auto step = [](const scalar_t* p, int64_t n, const AVec* kv, AVec* cs) {
+    AVec d0, d1;
+    L::load(p, d0, d1, n);
+    d0 = d0 - kv[0];
+    d1 = d1 - kv[1];
+    if (n < L::kStep) L::keep_first(d0, d1, n);
+    cs[0] = cs[0] + d0;
+    cs[1] = cs[1] + d1;
+    cs[2] = vec::fmadd(d0, d0, cs[2]);
+    cs[3] = vec::fmadd(d1, d1, cs[3]);
+  };
+  const AVec zero(acc_t(0));
+  if (!channels_last) {
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c)
+        AVec kv[2], cs[4] = {zero, zero, zero, zero};
+        LaneTotals<L, false> tot;
+        table.plane(p % C, kv);
+        for (int64_t i = 0; i < HW; i += L::kStep) {
+          step(z + p * HW + i, std::min(L::kStep, HW - i), kv, cs);
+          tot.count(cs);
+        }
+        tot.store(cs, csum + 2 * p, C);
+      }
+    });
+    return;
+  }
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  const bool span = spans_rows<L>(C);
+  AVec tiled[2];
+  if (span) table.tile(tiled);
+  at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
+    BlockTotals<acc_t> block;
+    for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
+      const int64_t n = unit / blocks, c0 = (unit % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
+      AVec cs[4] = {zero, zero, zero, zero};
+      if (span) {
+        const int64_t len = HW * C;
+        LaneTotals<L, true> tot;
+        for (int64_t i = 0; i < len; i += L::kStep) {
+          step(z + n * len + i, std::min(L::kStep, len - i), tiled, cs);
+          tot.count(cs);
+        }
+        tot.store(cs, csum + 2 * n * C, C);
+        continue;
+      }
+      block.reset();
+      for (int64_t hw = 0; hw < HW; ++hw) {
+        for (int64_t j = 0; j < cb; j += L::kStep) {
+          const int64_t cnt = std::min(L::kStep, cb - j);
+          AVec kv[2];
+          table.row(c0 + j, cnt, kv);
+          block.load(j, cs);
+          step(z + (n * HW + hw) * C + c0 + j, cnt, kv, cs);
+          block.save(j, cs);
+        }
+        block.end_row(cb);
+      }
+      block.store(csum + 2 * (n * C + c0), cb);
+    }
+  });
+}
+
+// Rows of the table of norm_grad: grad_z = grad_B * scale + xhat * xhat_coef + constant, with
+// xhat = z * invstd + shift (BatchNorm's input gradient; xhat_coef = constant = 0 in eval mode).
+enum GradRow { kGradInvstd, kGradShift, kGradScale, kGradXhat, kGradConst, kGradRows };
+
+// grad_z from grad_B (in place: gz holds grad_B on entry) and z.
+template <typename scalar_t>
+void norm_grad(scalar_t* gz, const scalar_t* z, const at::opmath_type<scalar_t>* t, int64_t N, int64_t C, int64_t HW,
+               bool channels_last) {
+  using L = Lanes<scalar_t>;
+  using AVec = typename L::AVec;
+  const ChannelTable<L, kGradRows> table{t, C};
+  const auto step = [](scalar_t* gp, const scalar_t* zp, int64_t n, const AVec* cv) {
+    AVec g0, g1, z0, z1;
+    L::load(gp, g0, g1, n);
+    L::load(zp, z0, z1, n);
+    z0 = vec::fmadd(vec::fmadd(z0, cv[2 * kGradInvstd], cv[2 * kGradShift]), cv[2 * kGradXhat], cv[2 * kGradConst]);
+    z1 = vec::fmadd(vec::fmadd(z1, cv[2 * kGradInvstd + 1], cv[2 * kGradShift + 1]), cv[2 * kGradXhat + 1],
+                    cv[2 * kGradConst + 1]);
+    L::store(gp, vec::fmadd(g0, cv[2 * kGradScale], z0), vec::fmadd(g1, cv[2 * kGradScale + 1], z1), n);
+  };
+  if (!channels_last) {
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        AVec cv[2 * kGradRows];
+        table.plane(p % C, cv);
+        for (int64_t i = 0; i < HW; i += L::kStep) step(gz + p * HW + i, z + p * HW + i, std::min(L::kStep, HW - i), cv);
+      }
+    });
+    return;
+  }
+  if (spans_rows<L>(C)) {  // one stream; lane l holds channel l % C
+    AVec cv[2 * kGradRows];
+    table.tile(cv);
+    const int64_t len = N * HW * C;
+    at::parallel_for(0, (len + L::kStep - 1) / L::kStep, 32768 / L::kStep, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) step(gz + s * L::kStep, z + s * L::kStep, std::min(L::kStep, len - s * L::kStep), cv);
+    });
+    return;
+  }
+  at::parallel_for(0, N * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {  // row r = (n, h, w)
+      for (int64_t c = 0; c < C; c += L::kStep) {
+        const int64_t cnt = std::min(L::kStep, C - c);
+        AVec cv[2 * kGradRows];
+        table.row(c, cnt, cv);
+        step(gz + r * C + c, z + r * C + c, cnt, cv);
+      }
     }
   });
 }
@@ -353,22 +673,27 @@ void broadcast_pool_grad(const at::opmath_type<scalar_t>* grad_l, scalar_t* gx, 
 
 inline int64_t plane(const Tensor& x) { return x.size(2) * x.size(3); }
 
+// norm (defined only with residual): the (kNormRows, C) BatchNorm table of bn_residual_gate_pool.
 template <Fwd kMode>
 void run_forward(const Tensor& x, const Tensor& u, const Tensor& k, const Tensor& out, const Tensor& pooled,
-                 at::MemoryFormat fmt, bool residual = false) {
+                 at::MemoryFormat fmt, bool residual = false, const Tensor& norm = Tensor()) {
   const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* up = kMode == Fwd::kPool ? nullptr : u.const_data_ptr<scalar_t>();
     const acc_t* kp = kMode == Fwd::kPool ? nullptr : k.const_data_ptr<acc_t>();
+    const acc_t* np = norm.defined() ? norm.const_data_ptr<acc_t>() : nullptr;
     scalar_t* op = kMode == Fwd::kPool ? nullptr : out.mutable_data_ptr<scalar_t>();
     acc_t* pp = kMode == Fwd::kGate ? nullptr : pooled.mutable_data_ptr<acc_t>();
     with_flag(residual, [&](auto residual_tag) {
       constexpr bool kResidual = decltype(residual_tag)::value && kMode == Fwd::kGatePool;
-      if (fmt == at::MemoryFormat::ChannelsLast)
-        forward_nhwc<scalar_t, kMode, kResidual>(x.const_data_ptr<scalar_t>(), up, kp, op, pp, N, C, HW);
-      else
-        forward_nchw<scalar_t, kMode, kResidual>(x.const_data_ptr<scalar_t>(), up, kp, op, pp, N, C, HW);
+      with_flag(norm.defined(), [&](auto norm_tag) {
+        constexpr bool kNorm = decltype(norm_tag)::value && kResidual;
+        if (fmt == at::MemoryFormat::ChannelsLast)
+          forward_nhwc<scalar_t, kMode, kResidual, kNorm>(x.const_data_ptr<scalar_t>(), up, kp, np, op, pp, N, C, HW);
+        else
+          forward_nchw<scalar_t, kMode, kResidual, kNorm>(x.const_data_ptr<scalar_t>(), up, kp, np, op, pp, N, C, HW);
+      });
     });
   });
 }
@@ -380,12 +705,13 @@ Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) {
   return out;
 }
 
-// gate_pool and residual_gate_pool (in.residual) on checked inputs.
-std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in) {
+// gate_pool and residual_gate_pool (in.residual; with a BatchNorm table `norm`, bn_residual_gate_pool)
+// on checked inputs.
+std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in, const Tensor& norm = Tensor()) {
   const Tensor& x = in.x;
   Tensor out = at::empty(x.sizes(), x.options().memory_format(in.fmt));
   Tensor pooled = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
-  if (x.numel() > 0) run_forward<Fwd::kGatePool>(in.x, in.u, in.k, out, pooled, in.fmt, in.residual);
+  if (x.numel() > 0) run_forward<Fwd::kGatePool>(in.x, in.u, in.k, out, pooled, in.fmt, in.residual, norm);
   return {out, pooled.to(x.scalar_type())};
 }
 
@@ -430,8 +756,10 @@ void focus_mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden, con
 }
 
 // Shared by the gate backward ops (b.gp undefined: no pooled gradient; b.in.residual: u is a
-// residual branch).
-std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& b, const Tensor& k) {
+// residual branch; norm defined: u is z of bn_residual_gate_pool, and csum (N, C, 2) receives the
+// BatchNorm's channel sums of grad_B and grad_B * xhat per sample, grad_u being grad_B).
+std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& b, const Tensor& k,
+                                                      const Tensor& norm = Tensor(), const Tensor& csum = Tensor()) {
   const auto& in = b.in;
   const bool fold = b.gp.defined();
   const int64_t N = in.x.size(0), C = in.x.size(1), HW = plane(in.x);
@@ -447,21 +775,156 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
                      *up = in.u.const_data_ptr<scalar_t>();
       const acc_t* kp = in.k.const_data_ptr<acc_t>();
       const acc_t* gpp = fold ? b.gp.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* np = norm.defined() ? norm.const_data_ptr<acc_t>() : nullptr;
       scalar_t *gxp = gx.mutable_data_ptr<scalar_t>(), *gup = gu.mutable_data_ptr<scalar_t>();
       acc_t* pp = partial.mutable_data_ptr<acc_t>();
+      acc_t* csp = norm.defined() ? csum.mutable_data_ptr<acc_t>() : nullptr;
       with_flag(fold, [&](auto fold_tag) {
         with_flag(in.residual, [&](auto residual_tag) {
-          constexpr bool kFold = decltype(fold_tag)::value, kResidual = decltype(residual_tag)::value;
-          if (cl)
-            gate_backward_nhwc<scalar_t, kFold, kResidual>(gptr, gpp, xp, up, kp, gxp, gup, pp, N, C, HW);
-          else
-            gate_backward_nchw<scalar_t, kFold, kResidual>(gptr, gpp, xp, up, kp, gxp, gup, pp, N, C, HW);
+          with_flag(norm.defined(), [&](auto norm_tag) {
+            constexpr bool kFold = decltype(fold_tag)::value, kResidual = decltype(residual_tag)::value;
+            constexpr bool kNorm = decltype(norm_tag)::value && kResidual;
+            if (cl)
+              gate_backward_nhwc<scalar_t, kFold, kResidual, kNorm>(gptr, gpp, xp, up, kp, np, gxp, gup, pp, csp, N, C,
+                                                                    HW);
+            else
+              gate_backward_nchw<scalar_t, kFold, kResidual, kNorm>(gptr, gpp, xp, up, kp, np, gxp, gup, pp, csp, N, C,
+                                                                    HW);
+          });
         });
       });
     });
   }
   // Per-sample sum of the per-unit partials, in unit order: deterministic.
   return {gx, gu, partial.sum(1).to(k.scalar_type())};
+}
+
+// ---- bn_residual_gate_pool: host side -----------------------------------------------------
+
+// A (C,) tensor in the accumulation dtype, contiguous (its data is read on the host).
+inline Tensor acc_vector(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+
+// Per-channel sums of csum (N, C, 2), over the batch in a fixed order, in double.
+template <typename acc_t, typename F>
+void reduce_channel_sums(const Tensor& csum, const F& per_channel) {
+  const int64_t N = csum.size(0), C = csum.size(1);
+  const acc_t* p = csum.const_data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    double s0 = 0, s1 = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      s0 += p[2 * (n * C + c)];
+      s1 += p[2 * (n * C + c) + 1];
+    }
+    per_channel(c, s0, s1);
+  }
+}
+
+// (mean, biased var) of z per channel, in the accumulation dtype.
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, at::MemoryFormat fmt) {
+  const int64_t N = z.size(0), C = z.size(1), HW = plane(z);
+  const auto acc = acc_dtype(z.scalar_type());
+  Tensor mean = at::zeros({C}, z.options().dtype(acc)), var = at::zeros({C}, z.options().dtype(acc));
+  if (z.numel() == 0) return {mean, var};
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  // K_c = z[0, c, H/2, W/2]: a value of the channel (the centre, not a corner that padding may make
+  // atypical), so sums of z - K_c stay near the spread.
+  const Tensor shift = acc_vector(z.select(0, 0).select(1, z.size(2) / 2).select(1, z.size(3) / 2), acc);
+  Tensor csum = at::empty({N, C, 2}, z.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fanet_batch_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    channel_sums<scalar_t>(z.const_data_ptr<scalar_t>(), shift.const_data_ptr<acc_t>(), csum.mutable_data_ptr<acc_t>(),
+                           N, C, HW, cl);
+    const double M = double(N * HW);
+    const acc_t* kp = shift.const_data_ptr<acc_t>();
+    acc_t *mp = mean.mutable_data_ptr<acc_t>(), *vp = var.mutable_data_ptr<acc_t>();
+    reduce_channel_sums<acc_t>(csum, [&](int64_t c, double s1, double s2) {
+      const double m = s1 / M;
+      mp[c] = acc_t(double(kp[c]) + m);
+      vp[c] = acc_t(std::max(0.0, s2 / M - m * m));
+    });
+  });
+  return {mean, var};
+}
+
+// The (kNormRows, C) table of the kernels from the statistics and the affine parameters.
+Tensor norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps) {
+  const int64_t C = mean.size(0);
+  const auto acc = mean.scalar_type();
+  const Tensor w = acc_vector(weight, acc), b = acc_vector(bias, acc);
+  Tensor t = at::empty({kNormRows, C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "fanet_norm_table_cpu", [&] {
+    const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *vp = var.const_data_ptr<scalar_t>(),
+                   *wp = w.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>();
+    scalar_t* tp = t.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t invstd = scalar_t(1) / std::sqrt(vp[c] + scalar_t(eps));
+      const scalar_t alpha = wp[c] * invstd;  // B = z * alpha + beta, as ATen's batch norm forms it
+      tp[kAlpha * C + c] = alpha;
+      tp[kBeta * C + c] = bp[c] - mp[c] * alpha;
+      tp[kInvstd * C + c] = invstd;
+      tp[kShift * C + c] = -mp[c] * invstd;
+    }
+  });
+  return t;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool(
+    const Tensor& x, const Tensor& z, const Tensor& k, const Tensor& weight, const Tensor& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps) {
+  auto in = prepare_gate(x, z, k, "z");
+  in.residual = true;
+  check_bn_args(z, weight, bias, running_mean, running_var, training);
+  const auto acc = acc_dtype(x.scalar_type());
+  auto [mean, var] = training ? batch_stats(in.u, in.fmt)
+                              : std::tuple<Tensor, Tensor>{acc_vector(*running_mean, acc).clone(),
+                                                           acc_vector(*running_var, acc).clone()};
+  auto [out, pooled] = gate_pool(in, norm_table(mean, var, weight, bias, eps));
+  return {out, pooled, mean, var};
+}
+
+// Pass 1: the residual gate's backward with B formed from z, which also takes the channel sums;
+// pass 2: BatchNorm's input gradient from them, over grad_B in place.  For float16/bfloat16 grad_B is
+// rounded on its way from pass 1 to pass 2 (the sums are of the unrounded values), as the unfused
+// gate backward rounds it before ATen's batch norm backward reads it.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool_backward(
+    const std::optional<Tensor>& grad_out, const std::optional<Tensor>& grad_pooled, const Tensor& x,
+    const Tensor& z, const Tensor& k, const Tensor& weight, const Tensor& bias, const Tensor& mean,
+    const Tensor& var, bool training, double eps) {
+  auto b = prepare_gate_backward(grad_out, grad_pooled, x, z, k, "z");
+  b.in.residual = true;
+  check_bn_args(z, weight, bias, mean, var, false, "mean", "var");
+  const auto acc = acc_dtype(x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
+  const Tensor m = acc_vector(mean, acc), v = acc_vector(var, acc);
+  const Tensor norm = norm_table(m, v, weight, bias, eps);
+  Tensor csum = at::empty({N, C, 2}, x.options().dtype(acc));  // every pair is written
+  auto [gx, gz, gk] = gate_backward_impl(b, k, norm, csum);
+  Tensor grad_w = at::empty({C}, x.options().dtype(acc)), grad_b = at::empty({C}, x.options().dtype(acc));
+  Tensor gt = at::empty({kGradRows, C}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_norm_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* np = norm.const_data_ptr<acc_t>();
+    const Tensor w = acc_vector(weight, acc);
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    acc_t *gwp = grad_w.mutable_data_ptr<acc_t>(), *gbp = grad_b.mutable_data_ptr<acc_t>(),
+          *tp = gt.mutable_data_ptr<acc_t>();
+    const double M = double(N * HW);
+    reduce_channel_sums<acc_t>(csum, [&](int64_t c, double sum_g, double sum_gx) {
+      gbp[c] = acc_t(sum_g);
+      gwp[c] = acc_t(sum_gx);
+      const acc_t scale = wp[c] * np[kInvstd * C + c];
+      tp[kGradInvstd * C + c] = np[kInvstd * C + c];
+      tp[kGradShift * C + c] = np[kShift * C + c];
+      tp[kGradScale * C + c] = scale;
+      // Training: the statistics depend on z too, which takes the means of grad_B and grad_B * xhat out.
+      tp[kGradXhat * C + c] = training ? acc_t(-double(scale) * sum_gx / M) : acc_t(0);
+      tp[kGradConst * C + c] = training ? acc_t(-double(scale) * sum_g / M) : acc_t(0);
+    });
+    if (x.numel() > 0)
+      norm_grad<scalar_t>(gz.mutable_data_ptr<scalar_t>(), b.in.u.const_data_ptr<scalar_t>(), tp, N, C, HW,
+                          b.in.fmt == at::MemoryFormat::ChannelsLast);
+  });
+  return {gx, gz, gk, grad_w.to(weight.scalar_type()), grad_b.to(bias.scalar_type())};
 }
 
 // The kernels of this device, for the shared drivers of csrc/common/op_drivers.h.
@@ -490,6 +953,9 @@ struct Device {
 
 TORCH_LIBRARY_IMPL(fanet, CPU, m) {
   register_ops<Device>(m);
+  // CPU only: elsewhere fanet_kernels.ops composes it from batch_norm and residual_gate_pool.
+  m.impl("bn_residual_gate_pool", &bn_residual_gate_pool);
+  m.impl("bn_residual_gate_pool_backward", &bn_residual_gate_pool_backward);
 }
 
 }  // namespace cpu
