@@ -44,18 +44,19 @@ def _add_se(block: nn.Module, r: int) -> None:
     bn.se = SEBlock(bn.num_features, r).to(device=bn.weight.device, dtype=bn.weight.dtype)
 
 
-# torchvision's blocks, up to their final add and ReLU (torchvision/models/resnet.py).
-def _basic_branch(self, x: torch.Tensor) -> torch.Tensor:
-    return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+# torchvision's blocks, up to their last BatchNorm (torchvision/models/resnet.py): the branch is that
+# BatchNorm of this (with se=True a BatchNorm2dSE, which the chains do not fold into the gate).
+def _basic_pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+    return self.conv2(self.relu(self.bn1(self.conv1(x))))
 
 
-def _bottleneck_branch(self, x: torch.Tensor) -> torch.Tensor:
+def _bottleneck_pre_norm(self, x: torch.Tensor) -> torch.Tensor:
     out = self.relu(self.bn1(self.conv1(x)))
     out = self.relu(self.bn2(self.conv2(out)))
-    return self.bn3(self.conv3(out))
+    return self.conv3(out)
 
 
-_BRANCHES = {"BasicBlock": _basic_branch, "Bottleneck": _bottleneck_branch}
+_BRANCHES = {"BasicBlock": (_basic_pre_norm, "bn2"), "Bottleneck": (_bottleneck_pre_norm, "bn3")}
 _RESIDUAL: dict[str, type] = {}  # "Torchvision<Block>" -> the ResidualBlock subclass of torchvision's <Block>
 
 
@@ -69,7 +70,8 @@ def _residual_class(block_name: str) -> type:
 
         _RESIDUAL[name] = type(name, (ResidualBlock, getattr(tv, block_name)), {
             "__module__": __name__, "__doc__": f"torchvision's {block_name} as a ResidualBlock.",
-            "branch": _BRANCHES[block_name], "forward": ResidualBlock.forward,
+            "pre_norm": _BRANCHES[block_name][0], "branch_norm": lambda self: getattr(self, _BRANCHES[block_name][1]),
+            "branch": lambda self, x: self.branch_norm()(self.pre_norm(x)), "forward": ResidualBlock.forward,
             "shortcut": property(lambda self: self.downsample)})
     return _RESIDUAL[name]
 

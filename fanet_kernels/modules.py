@@ -32,6 +32,8 @@ class FAGate(nn.Module):
     fused focus op pools it.  ``x_proj`` = P(x) is the start of the weighting when x and u differ
     in shape (focus stays on x).  ``residual=True``: u is the residual branch B of a block whose
     output is relu(B + x); the add and the ReLU then run inside the gate (ops.residual_gate_pool).
+    ``norm`` (with residual): u is the branch before its last BatchNorm ``norm``, which then runs
+    inside the gate too (ops.bn_residual_gate_pool), running stats and all.
     Parameters: focus1 Linear(C, max(1, C // r1)), focus2 Linear(h1, 1) and, for index >= 2,
     assoc1 Linear(index, r2 * index), assoc2 Linear(r2 * index, 1).
     """
@@ -62,7 +64,7 @@ class FAGate(nn.Module):
 
     def forward(self, x: torch.Tensor, u: torch.Tensor, history: Optional[Sequence[torch.Tensor]] = None,
                 pooled_x: Optional[torch.Tensor] = None, x_proj: Optional[torch.Tensor] = None,
-                residual: bool = False) -> FAOutput:
+                residual: bool = False, norm: Optional[nn.BatchNorm2d] = None) -> FAOutput:
         hist = list(history) if history is not None else []
         if residual and x_proj is not None:
             raise ValueError(f"FAGate(index={self.index}): arguments 'residual' and 'x_proj' exclude each other "
@@ -77,7 +79,11 @@ class FAGate(nn.Module):
             k = ops.mlp(pooled_x, w["w1"], w["b1"], w["w2"], w["b2"], backend=self.backend)
         if self.index >= 2:  # association (reference.associate), as one op
             k = ops.mlp(torch.stack([*hist, k], dim=1), w["w3"], w["b3"], w["w4"], w["b4"], backend=self.backend)
-        if residual:
+        if norm is not None:
+            if not residual:
+                raise ValueError(f"FAGate(index={self.index}): argument 'norm' needs residual=True")
+            out, pooled = ops.bn_residual_gate_pool(x, u, k, *batch_norm_args(norm), backend=self.backend)
+        elif residual:
             out, pooled = ops.residual_gate_pool(x, u, k, backend=self.backend)
         else:
             out, pooled = ops.gate_pool(x if x_proj is None else x_proj, u, k, backend=self.backend)
@@ -106,11 +112,23 @@ class ResidualBlock(nn.Module):
     add and ReLU an FA chain folds into its gate when the shortcut is the identity: the chain
     calls ``branch`` and ``ops.residual_gate_pool`` instead of ``forward``, which saves a pass over
     memory each way.  Subclasses define ``branch`` and set ``self.shortcut``.  A block with forward
-    hooks is run through ``forward`` so that its hooks see its output."""
+    hooks is run through ``forward`` so that its hooks see its output.
+
+    A branch that ends in a BatchNorm2d, ``branch(x) == branch_norm()(pre_norm(x))``, can say so by
+    defining both: the chain then calls ``pre_norm`` and ``ops.bn_residual_gate_pool``, which runs
+    that BatchNorm inside the gate as well (a plain affine nn.BatchNorm2d without hooks only)."""
 
     shortcut: Optional[nn.Module]
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def branch_norm(self) -> Optional[nn.BatchNorm2d]:
+        """The BatchNorm2d that ends the branch, or None (the default: the branch does not say)."""
+        return None
+
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch up to, not including, ``branch_norm()``."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +138,28 @@ class ResidualBlock(nn.Module):
 def _fusable(block: nn.Module) -> bool:
     return (isinstance(block, ResidualBlock) and block.shortcut is None
             and not (block._forward_hooks or block._forward_pre_hooks))
+
+
+def _foldable_norm(block: ResidualBlock) -> Optional[nn.BatchNorm2d]:
+    """The block's last BatchNorm if the gate can run it: exactly nn.BatchNorm2d (no subclass that
+    changes forward), affine, no hooks."""
+    bn = block.branch_norm()
+    if type(bn) is nn.BatchNorm2d and bn.affine and not (bn._forward_hooks or bn._forward_pre_hooks):
+        return bn
+    return None
+
+
+def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """(weight, bias, running_mean, running_var, training, momentum, eps): what ``bn.forward`` passes
+    to F.batch_norm, counting ``num_batches_tracked`` as it does (torch/nn/modules/batchnorm.py)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return (bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None, training,
+            factor, bn.eps)
 
 
 def _seq(blocks) -> list[nn.Module]:
@@ -183,7 +223,9 @@ class FASequential(nn.Module):
                 continue
             if proj is None or str(i) not in proj:
                 if self.fuse_residual and _fusable(block):
-                    x, _, hist, pooled = self.fa[i - 1](x, block.branch(x), hist, pooled_x=pooled, residual=True)
+                    norm = _foldable_norm(block)
+                    u = block.branch(x) if norm is None else block.pre_norm(x)
+                    x, _, hist, pooled = self.fa[i - 1](x, u, hist, pooled_x=pooled, residual=True, norm=norm)
                     continue
                 xp = None
             else:

@@ -23,7 +23,10 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def compare(model, ref_forward, x, backend, atol=2e-5):
+def compare(model, ref_forward, x, backend, atol=2e-5, buffers=False):
+    """Output, input and parameter gradients of ``model`` on ``backend`` against ``ref_forward`` on a
+    copy; ``buffers``: the BatchNorm running stats and counts too (where ref_forward runs every
+    BatchNorm as often as the model does)."""
     torch.manual_seed(0)
     mod, ref = copy.deepcopy(model), copy.deepcopy(model)
     set_backend(mod, backend)
@@ -38,6 +41,10 @@ def compare(model, ref_forward, x, backend, atol=2e-5):
     assert gm.keys() == gr.keys()
     for n in gm:
         torch.testing.assert_close(gm[n], gr[n], atol=atol, rtol=1e-4, msg=n)
+    bm, br = dict(mod.named_buffers()), dict(ref.named_buffers())
+    assert bm.keys() == br.keys()
+    for n in bm if buffers else ():
+        torch.testing.assert_close(bm[n], br[n], atol=atol, rtol=1e-4, msg=n)
     return mod
 
 
@@ -173,13 +180,32 @@ def test_fasequential_keeps_block_keys():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_batchnorm_is_folded_only_where_it_ends_the_branch(backend, monkeypatch):
+    """With SE after the last BatchNorm (FA-SE-ResNet), or a hook on that BatchNorm, the chain runs
+    ``branch`` + ops.residual_gate_pool: the BatchNorm runs as a module."""
+    calls = {"bn": 0, "plain": 0}
+    for name, key in (("bn_residual_gate_pool", "bn"), ("residual_gate_pool", "plain")):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _r=real, _k=key, **kw: calls.__setitem__(_k, calls[_k] + 1)
+                            or _r(*a, **kw))
+    x = torch.randn(2, 3, 16, 16)
+    zoo.create_model("fa_se_resnet20", backend=backend)(x)
+    assert calls == {"bn": 0, "plain": 6}
+    model = zoo.create_model("fa_resnet20", backend=backend)
+    seen = []
+    model.layers[1][2].bn2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(x)
+    assert calls == {"bn": 5, "plain": 7} and seen == [torch.Size([2, 32, 8, 8])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_residual_blocks_fuse_add_and_relu_into_the_gate(backend, monkeypatch):
-    """Gated blocks with an identity shortcut run ``branch`` + ops.residual_gate_pool; the result
-    equals the unfused chain (``fuse_residual=False``), and a block with a forward hook is run
-    through its forward so the hook sees U."""
+    """Gated blocks with an identity shortcut run ``pre_norm`` + ops.bn_residual_gate_pool (the zoo's
+    branches end in a BatchNorm); the result equals the unfused chain (``fuse_residual=False``), and
+    a block with a forward hook is run through its forward so the hook sees U."""
     calls = []
-    real = ops.residual_gate_pool
-    monkeypatch.setattr(ops, "residual_gate_pool", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = ops.bn_residual_gate_pool
+    monkeypatch.setattr(ops, "bn_residual_gate_pool", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     torch.manual_seed(6)
     model = zoo.create_model("fa_resnet20", backend=backend)
 
@@ -190,7 +216,7 @@ def test_residual_blocks_fuse_add_and_relu_into_the_gate(backend, monkeypatch):
         return m(inp)
 
     x = torch.randn(2, 3, 16, 16)
-    compare(model, unfused, x, backend)
+    compare(model, unfused, x, backend, buffers=True)
     assert len(calls) == 6  # blocks 1 and 2 of each of the 3 stages; the stage gates are not residual
     calls.clear()
     seen = []

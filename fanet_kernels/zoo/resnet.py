@@ -32,9 +32,14 @@ class BasicBlock(ResidualBlock):
         self.shortcut = conv_bn(cin, cout, 3, stride, 1) if stride != 1 or cin != cout else None
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.pre_norm(x))
         return out if self.se is None else self.se(out)
+
+    def branch_norm(self) -> Optional[nn.BatchNorm2d]:
+        return self.bn2 if self.se is None else None
+
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.bn1(self.conv1(x))))
 
 
 class CifarResNet(StagedNet):

@@ -28,10 +28,15 @@ class ResNeXtBlock(ResidualBlock):
         self.shortcut = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn_reduce(self.conv_reduce(x)))
-        out = F.relu(self.bn(self.conv_conv(out)))
-        out = self.bn_expand(self.conv_expand(out))
+        out = self.bn_expand(self.pre_norm(x))
         return out if self.se is None else self.se(out)
+
+    def branch_norm(self) -> Optional[nn.BatchNorm2d]:
+        return self.bn_expand if self.se is None else None
+
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn_reduce(self.conv_reduce(x)))
+        return self.conv_expand(F.relu(self.bn(self.conv_conv(out))))
 
 
 class CifarResNeXt(StagedNet):
