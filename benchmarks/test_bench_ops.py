@@ -1,4 +1,5 @@
-"""Op-level benchmarks of fanet::gate_pool, residual_gate_pool, gate and focus (issue 7, SPEC §5).
+"""Op-level benchmarks of fanet::gate_pool, residual_gate_pool, bn_residual_gate_pool, gate and focus
+(issue 7, SPEC §5).
 
 One pytest-benchmark group per (op, pass, shape, dtype, layout, device); its rows, in run
 order: ``clone`` (torch.clone of activation-sized tensors moving the same bytes: the copy
@@ -12,6 +13,10 @@ Bytes per call, with S the bytes of one activation tensor (SPEC §5):
   add + ReLU followed by gate_pool, which is what an unfused residual FA block runs).
   focus: forward 1·S (read x); forward+backward 3·S (the backward re-reads x for the pool,
   since focus returns only k', and writes grad_x).
+  bn_residual_gate_pool (training mode): forward 4·S (the batch statistics read z, then the gate
+  reads x, z and writes out), forward+backward 4·S + 8·S = 12·S (its first backward pass reads
+  grad_out, x, z and writes grad_x, grad_B; the second reads grad_B, z and writes grad_z).  Its
+  reference is F.batch_norm followed by the residual block's add + ReLU and gate_pool.
 """
 from __future__ import annotations
 
@@ -35,12 +40,13 @@ QUICK_SHAPES = {"resnet56": [(128, 32, 16, 16)], "resnext29": [(128, 1024, 8, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PASSES = ("fwd", "fwd+bwd")
-FULL_OPS = ("gate_pool", "residual_gate_pool", "gate", "focus")
+FULL_OPS = ("gate_pool", "residual_gate_pool", "bn_residual_gate_pool", "gate", "focus")
 QUICK_OPS = ("gate_pool",)
 # Bytes moved per call, in units of S (see the module docstring).
 BYTES_IN_S = {("gate_pool", "fwd"): 3, ("gate_pool", "fwd+bwd"): 8, ("gate", "fwd"): 3, ("gate", "fwd+bwd"): 8,
               ("residual_gate_pool", "fwd"): 3, ("residual_gate_pool", "fwd+bwd"): 8,
-              ("focus", "fwd"): 1, ("focus", "fwd+bwd"): 3}
+              ("focus", "fwd"): 1, ("focus", "fwd+bwd"): 3,
+              ("bn_residual_gate_pool", "fwd"): 4, ("bn_residual_gate_pool", "fwd+bwd"): 12}
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,9 @@ def inputs(case: Case) -> dict[str, torch.Tensor]:
         t["grad_out"] = act()
         t["grad_pooled"] = torch.randn(n, c, generator=gen).to(case.device, dt)
         t["grad_k"] = torch.randn(n, generator=gen).to(case.device, dt)
+        t["bn_weight"] = (1 + 0.1 * torch.randn(c, generator=gen)).to(case.device, dt)
+        t["bn_bias"] = (0.1 * torch.randn(c, generator=gen)).to(case.device, dt)
+        t["running_mean"], t["running_var"] = torch.zeros(c, device=case.device), torch.ones(c, device=case.device)
         _inputs[case.group] = t
     return _inputs[case.group]
 
@@ -152,6 +161,11 @@ def make_call(case: Case):
     if case.op == "focus":
         leaves = [t[k].detach().requires_grad_(train) for k in ("x", "w1", "b1", "w2", "b2")]
         grads = (t["grad_k"],)
+    elif case.op == "bn_residual_gate_pool":  # u as z, the branch before its BatchNorm (training mode)
+        leaves = [t[k].detach().requires_grad_(train) for k in ("x", "u", "k", "bn_weight", "bn_bias")]
+        grads = (t["grad_out"], t["grad_pooled"])
+        bn_fn, stats = fn, (t["running_mean"], t["running_var"])
+        fn = lambda *a: bn_fn(*a, *stats)  # noqa: E731
     else:
         leaves = [t[k].detach().requires_grad_(train) for k in ("x", "u", "k")]
         grads = (t["grad_out"],) if case.op == "gate" else (t["grad_out"], t["grad_pooled"])
