@@ -25,6 +25,20 @@ except ImportError as exc:  # not built: the reference backend still works
     _IMPORT_ERROR = str(exc)
 
 
+def update_running_stats(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, running_mean: Optional[torch.Tensor],
+                         running_var: Optional[torch.Tensor], training: bool, momentum: float) -> None:
+    """Updates the running stats from the batch statistics (mean, biased var) that a fused
+    bn_residual_gate_pool op returns, as F.batch_norm updates them (running_var with the unbiased
+    variance); nothing in eval mode.  Shared by the C++ and Triton backends."""
+    if training:
+        n = z.numel() // z.shape[1]
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+
+
 def _cuda_kernels_built() -> bool:
     return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("fanet::gate", "CUDA")
 
@@ -104,13 +118,7 @@ if HAS_EXTENSION:
         F.batch_norm updates them (running_var with the unbiased variance)."""
         out, pooled, mean, var = torch.ops.fanet.bn_residual_gate_pool(x, z, k, weight, bias, running_mean,
                                                                         running_var, training, eps)
-        if training:
-            n = z.numel() // z.shape[1]
-            with torch.no_grad():
-                if running_mean is not None:
-                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                if running_var is not None:
-                    running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+        update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
         return out, pooled
 
     # Autograd: csrc/autograd.cpp wires each op to its backward op as a C++ autograd node (each
@@ -181,8 +189,8 @@ def bn_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, wei
     eps), k)``: a residual block whose branch ends in a BatchNorm (z: the branch before it), with that
     BatchNorm folded into the gate.  The running stats are updated as F.batch_norm updates them.  On the
     CPU backend one op: the batch statistics take one read of z, the normalized branch is never
-    written, and the backward is two passes instead of the gate's and BatchNorm's three.  Other backends
-    run F.batch_norm and their residual_gate_pool."""
+    written, and the backward is two passes instead of the gate's and BatchNorm's three (Triton: fused
+    as well).  Backends without it (cuda, reference) run F.batch_norm and their residual_gate_pool."""
     impl = _backend_for(backend, x)
     if impl.bn_residual_gate_pool is None or x.numel() == 0:
         branch = torch.nn.functional.batch_norm(z, running_mean, running_var, weight, bias, training, momentum, eps)

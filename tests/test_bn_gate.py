@@ -4,10 +4,11 @@
 eps)`` is ``residual_gate_pool(x, F.batch_norm(z, ...), k)`` with the BatchNorm computed in the
 accumulation dtype and the result rounded once; running stats are updated as F.batch_norm does.
 The fused "cpu" backend (torch.ops.fanet.bn_residual_gate_pool and its backward op) is tested
-against reference.bn_residual_gate_pool, and the FA chains' fold against the unfused blocks.
-Ids start with "<backend>-<device>" as in test_ops.py; the CUDA target (F.batch_norm composed with
-the cuda backend's residual_gate_pool) is marked ``cuda`` and skipped without a GPU.  Triton is not
-tested here: it composes the same way, and its interpreter is too slow for this matrix.
+against reference.bn_residual_gate_pool, and the FA chains' fold against the unfused blocks; so is
+the fused "triton" backend (torch.ops.fanet_triton.bn_residual_gate_pool), on CPU tensors under the
+Triton interpreter (TRITON_INTERPRET=1, tests/conftest.py) with a smaller "large" case, and on CUDA.
+Ids start with "<backend>-<device>" as in test_ops.py; the CUDA targets (for "cuda", F.batch_norm
+composed with the cuda backend's residual_gate_pool) are marked ``cuda`` and skipped without a GPU.
 """
 from __future__ import annotations
 
@@ -33,7 +34,18 @@ def _cuda_target(backend: str):
                         marks=[pytest.mark.cuda, pytest.mark.skipif(reason is not None, reason=reason or "")])
 
 
-TARGETS = [pytest.param(("cpu", "cpu"), id="cpu-cpu"), _cuda_target("cuda")]
+TRITON_CPU_SKIP = "triton" not in fk.available_backends("cpu")
+TARGETS = [pytest.param(("cpu", "cpu"), id="cpu-cpu"),
+           pytest.param(("triton", "cpu"), id="triton-cpu",
+                        marks=pytest.mark.skipif(TRITON_CPU_SKIP, reason="triton backend not available on CPU "
+                                                 "tensors (needs triton and TRITON_INTERPRET=1)")),
+           _cuda_target("cuda"), _cuda_target("triton")]
+# The fused ops themselves (torch.ops.<namespace>.bn_residual_gate_pool and its backward op), for
+# the tests of the op contract: the C++ op, and the Triton one where it runs on CPU tensors.
+OP_NAMESPACES = [pytest.param("fanet", id="cpu"),
+                 pytest.param("fanet_triton", id="triton",
+                              marks=pytest.mark.skipif(TRITON_CPU_SKIP, reason="triton backend not available on "
+                                                       "CPU tensors (needs triton and TRITON_INTERPRET=1)"))]
 MODES = ("train", "eval")
 GRAD_NAMES = ("x", "z", "k", "weight", "bias")
 BAD_ERRORS = (ValueError, TypeError, RuntimeError)
@@ -41,6 +53,20 @@ EPS = 1e-5
 # op_cases' shapes and three for the channels_last paths of the BatchNorm sums: C > 256 with H*W > 1
 # (several channel blocks), and C = 8, 4 dividing the SIMD step with a masked last step.
 BN_SHAPES = {**SHAPES, "C300": (2, 300, 5, 7), "C8": (3, 8, 5, 7), "C4": (3, 4, 3, 5)}
+# The Triton interpreter simulates every program in numpy: it gets a smaller "large" case.
+LARGE_FOR = {("triton", "cpu"): (2, 64, 64, 64)}  # as test_ops.py
+
+
+def shape_of(name: str, target: tuple[str, str]) -> tuple[int, ...]:
+    return LARGE_FOR.get(target, BN_SHAPES[name]) if name == "large" else BN_SHAPES[name]
+
+
+def fused_ops(namespace: str):
+    """(forward op, backward op) of bn_residual_gate_pool in torch.ops.<namespace>."""
+    if namespace == "fanet_triton":
+        import fanet_kernels.triton  # noqa: F401  (registers torch.ops.fanet_triton.*)
+    ns = getattr(torch.ops, namespace)
+    return ns.bn_residual_gate_pool.default, ns.bn_residual_gate_pool_backward.default
 
 
 @pytest.fixture(params=TARGETS)
@@ -183,7 +209,7 @@ def test_exported():
 @pytest.mark.parametrize("sname,dname", cases(BN_SHAPES))
 def test_forward_matches_reference(target, sname, dname, layout, mode):
     """out, pooled and the updated running stats (separate copies per side) as the reference."""
-    (backend, dev), dtype, shape, training = target, DTYPES[dname], BN_SHAPES[sname], mode == "train"
+    (backend, dev), dtype, shape, training = target, DTYPES[dname], shape_of(sname, target), mode == "train"
     if training and shape[0] * shape[2] * shape[3] == 1:
         pytest.skip("one value per channel: F.batch_norm raises when training (test_one_value_per_channel_raises)")
     (x, z, k, w, b), (rm, rv) = make_inputs(shape, dtype, layout, dev)
@@ -208,7 +234,7 @@ def test_variance_of_offset_z(target, sname, dname, layout):
     lose the digits a two-pass float32 computation keeps.  Compared with the exact values (the
     reference in float64): ATen's own float32 channels_last batch_norm, which sums in order, is off
     by ~2e-5 here ("large"), more than TOL allows."""
-    (backend, dev), dtype, shape = target, DTYPES[dname], SHAPES[sname]
+    (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
     inputs, (rm, rv) = make_inputs(shape, dtype, layout, dev, requires_grad=True, offset=3.0, scale=0.5)
     (ex_out, ex_pooled), (ex_rm, ex_rv), ex_grads = exact(inputs, (rm, rv), True)
     out, pooled = ops.bn_residual_gate_pool(*inputs, rm, rv, training=True, backend=backend)
@@ -261,28 +287,31 @@ def test_bfloat16_parameters(target, stats_dtype, mode):
                 z_scale=conditioning(inputs[1], inputs[3], training)[1])
 
 
-def test_one_value_per_channel_raises_when_training():
+@pytest.mark.parametrize("namespace", OP_NAMESPACES)
+def test_one_value_per_channel_raises_when_training(namespace):
     """N*H*W == 1 raises as F.batch_norm does when training; eval mode is fine."""
+    backend = "cpu" if namespace == "fanet" else "triton"
     (x, z, k, w, b), (rm, rv) = make_inputs((1, 4, 1, 1), torch.float32, "contiguous")
-    for fn in (lambda *a, **kw: ops.bn_residual_gate_pool(*a, **kw, backend="cpu"), reference.bn_residual_gate_pool):
+    for fn in (lambda *a, **kw: ops.bn_residual_gate_pool(*a, **kw, backend=backend), reference.bn_residual_gate_pool):
         with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
             fn(x, z, k, w, b, rm.clone(), rv.clone(), training=True)
-    out, pooled = ops.bn_residual_gate_pool(x, z, k, w, b, rm, rv, training=False, backend="cpu")
+    out, pooled = ops.bn_residual_gate_pool(x, z, k, w, b, rm, rv, training=False, backend=backend)
     ref_out, ref_pooled = reference.bn_residual_gate_pool(x, z, k, w, b, rm, rv, training=False)
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
     torch.testing.assert_close(pooled, ref_pooled, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("namespace", OP_NAMESPACES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dname", ["f32", "f64", "bf16"])
-def test_native_op_returns_stats_and_leaves_running_stats(dname, mode):
-    """The C++ op returns the batch mean and biased variance (training) or the running stats
-    (eval) in the accumulation dtype, and does not touch the running stats (the Python function
-    updates them)."""
+def test_native_op_returns_stats_and_leaves_running_stats(dname, mode, namespace):
+    """The op (C++, or Triton's with the same contract) returns the batch mean and biased variance
+    (training) or the running stats (eval) in the accumulation dtype, and does not touch the
+    running stats (the Python function updates them)."""
     dtype, training, shape = DTYPES[dname], mode == "train", SHAPES["7x7"]
     (x, z, k, w, b), (rm, rv) = make_inputs(shape, dtype, "channels_last")
     rm0, rv0 = rm.clone(), rv.clone()
-    out, pooled, mean, var = torch.ops.fanet.bn_residual_gate_pool(x, z, k, w, b, rm, rv, training, EPS)
+    out, pooled, mean, var = fused_ops(namespace)[0](x, z, k, w, b, rm, rv, training, EPS)
     acc = k_dtype(dtype)
     za = z.to(acc)
     want_mean, want_var = (za.mean((0, 2, 3)), za.var((0, 2, 3), unbiased=False)) if training else (rm0, rv0)
@@ -329,7 +358,7 @@ def test_batch_statistics_are_accurate(shape, dname, layout):
                          cases(["C300", "C8", "C4"], ["f32", "f64", "bf16"]))
 def test_backward_matches_reference(target, sname, dname, layout, mode):
     """Gradients of x, z, k, weight and bias for random grad_out and grad_pooled."""
-    (backend, dev), dtype, shape, training = target, DTYPES[dname], BN_SHAPES[sname], mode == "train"
+    (backend, dev), dtype, shape, training = target, DTYPES[dname], shape_of(sname, target), mode == "train"
     inputs, stats = make_inputs(shape, dtype, layout, dev, requires_grad=True)
     fused = grads(fused_fn(backend, stats, training), inputs)
     ref = grads(reference_fn(stats, training), inputs)
@@ -374,32 +403,43 @@ def test_backward_is_deterministic(dname, mode):
 
 
 # ---- torch.library.opcheck, gradcheck, double backward ------------------------------------
+@pytest.mark.parametrize("namespace", OP_NAMESPACES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["train", "train_no_stats", "eval"])
-def test_opcheck(mode, layout):
+def test_opcheck(mode, layout, namespace):
     inputs, stats = make_inputs((2, 6, 3, 5), torch.float32, layout, requires_grad=True)
     stats = (None, None) if mode == "train_no_stats" else stats
-    torch.library.opcheck(torch.ops.fanet.bn_residual_gate_pool.default, (*inputs, *stats, mode != "eval", EPS))
+    torch.library.opcheck(fused_ops(namespace)[0], (*inputs, *stats, mode != "eval", EPS))
 
 
+@pytest.mark.parametrize("namespace", OP_NAMESPACES)
 @pytest.mark.parametrize("mode,grads_given", [("train", "both"), ("eval", "both"), ("train", "out"),
                                               ("train", "pooled"), ("eval", "pooled")])
-def test_opcheck_backward_op(mode, grads_given):
+def test_opcheck_backward_op(mode, grads_given, namespace):
     shape, training = (2, 4, 3, 3), mode == "train"
     (x, z, k, w, b), (rm, rv) = make_inputs(shape, torch.float32, "contiguous")
     mean, var = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)) if training else (rm, rv)
     g_out = make(shape, torch.float32, "contiguous", seed=2) if grads_given in ("both", "out") else None
     g_pooled = torch.randn(2, 4) if grads_given in ("both", "pooled") else None
     args = (g_out, g_pooled, x, z, k, w, b, mean, var, training, EPS)
-    torch.library.opcheck(torch.ops.fanet.bn_residual_gate_pool_backward.default, args)
+    # The C++ backward op has an autograd kernel (it raises on double backward); Triton's has none,
+    # so opcheck's autograd-registration check does not apply to it (as in test_triton.py).
+    utils = {} if namespace == "fanet" else dict(test_utils=("test_schema", "test_faketensor",
+                                                             "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(fused_ops(namespace)[1], args, **utils)
 
 
+@pytest.mark.parametrize("backend", [p.id for p in OP_NAMESPACES])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "train_no_stats", "eval"])
-def test_gradcheck_float64(mode, layout):
+def test_gradcheck_float64(mode, layout, backend):
+    if backend == "triton" and TRITON_CPU_SKIP:
+        pytest.skip("triton backend not available on CPU tensors")
     inputs, stats = make_inputs((2, 3, 4, 5), torch.float64, layout, requires_grad=True)
     stats = (None, None) if mode == "train_no_stats" else stats
-    assert torch.autograd.gradcheck(fused_fn("cpu", stats, mode != "eval"), tuple(inputs))
+    # The interpreter: fast mode (random directions, a few evaluations instead of ~500, ~30 s each).
+    assert torch.autograd.gradcheck(fused_fn(backend, stats, mode != "eval"), tuple(inputs),
+                                    fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -441,22 +481,25 @@ def _bad_cases():
     }
 
 
+@pytest.mark.parametrize("namespace", OP_NAMESPACES)
 @pytest.mark.parametrize("case", list(_bad_cases()))
-def test_bad_input_names_argument(case):
+def test_bad_input_names_argument(case, namespace):
     args, name = _bad_cases()[case]
     with pytest.raises(BAD_ERRORS, match=name):
-        ops.bn_residual_gate_pool(*args, training=True, backend="cpu")
+        ops.bn_residual_gate_pool(*args, training=True, backend="cpu" if namespace == "fanet" else "triton")
     with pytest.raises(BAD_ERRORS, match=name):  # the raw op, bypassing the Python checks
-        torch.ops.fanet.bn_residual_gate_pool(*args, True, EPS)
+        fused_ops(namespace)[0](*args, True, EPS)
 
 
-def test_eval_without_running_stats_raises():
+@pytest.mark.parametrize("namespace", OP_NAMESPACES)
+def test_eval_without_running_stats_raises(namespace):
+    backend = "cpu" if namespace == "fanet" else "triton"
     (x, z, k, w, b), (rm, rv) = make_inputs((2, 3, 4, 4), torch.float32, "contiguous")
     for stats, name in (((None, None), "running_mean"), ((rm, None), "running_var")):
         with pytest.raises(BAD_ERRORS, match=name):
-            ops.bn_residual_gate_pool(x, z, k, w, b, *stats, training=False, backend="cpu")
+            ops.bn_residual_gate_pool(x, z, k, w, b, *stats, training=False, backend=backend)
         with pytest.raises(BAD_ERRORS, match=name):
-            torch.ops.fanet.bn_residual_gate_pool(x, z, k, w, b, *stats, False, EPS)
+            fused_ops(namespace)[0](x, z, k, w, b, *stats, False, EPS)
 
 
 # ---- the fold in the FA chains --------------------------------------------------------------

@@ -3,7 +3,8 @@
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
 set before this package is first imported), which is how CI tests it without a GPU.
 Kernel families: ``fanet_kernels.triton.gate`` (gate, gate_pool, residual_gate_pool and their
-backward ops) and ``fanet_kernels.triton.focus``.
+backward ops), ``fanet_kernels.triton.bn_gate`` (bn_residual_gate_pool, whose gate passes are
+gate's kernels with their NORM flag) and ``fanet_kernels.triton.focus``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ except ImportError as exc:  # backends.load() reports this as "unavailable"
 
 from .. import reference
 from ..backends import Backend
-from . import focus, gate  # registers torch.ops.fanet_triton.*
+from ..ops import update_running_stats
+from . import bn_gate, focus, gate  # registers torch.ops.fanet_triton.*
 from .gate import AUTOTUNE, INTERPRET
 
 
@@ -27,9 +29,17 @@ def _residual_gate_pool(x, branch, k):
     return tuple(gate.residual_gate_pool(x, branch, k))
 
 
+def _bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, training, momentum, eps):
+    """The fused op, and the running stats updated from the batch statistics it returns."""
+    out, pooled, mean, var = bn_gate.bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var,
+                                                           training, eps)
+    update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
+    return out, pooled
+
+
 BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
                   gate=gate.gate, gate_pool=_gate_pool, focus=focus.focus,
-                  residual_gate_pool=_residual_gate_pool,
+                  residual_gate_pool=_residual_gate_pool, bn_residual_gate_pool=_bn_residual_gate_pool,
                   mlp=reference.mlp)  # a few tiny matrix products, no pass over activations: plain PyTorch
 
-__all__ = ["AUTOTUNE", "BACKEND", "INTERPRET", "focus", "gate"]
+__all__ = ["AUTOTUNE", "BACKEND", "INTERPRET", "bn_gate", "focus", "gate"]

@@ -173,23 +173,48 @@ def residual_output(xv, bv):
 
 
 @triton.jit
+def tile_offsets(base, c, c_mask, C, HW, hw0, hw_hi, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of the (channels c x positions [hw0, hw0 + BLOCK_HW) below hw_hi) tile of
+    the sample at base, in either layout."""
+    hw = (hw0 + tl.arange(0, BLOCK_HW)).to(c.dtype)  # int64 when c is (large tensors)
+    if CHANNELS_LAST:
+        offs = base + hw[None, :] * C + c[:, None]
+    else:
+        offs = base + c[:, None] * HW + hw[None, :]
+    return offs, c_mask[:, None] & (hw < hw_hi)[None, :]
+
+
+@triton.jit
+def unit_channels(C, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """(n, channel offsets, their mask) of program (n * channel blocks + block, split) of the
+    channel-block kernels."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(C, BLOCK_C)
+    n = pid // blocks
+    c = (pid % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INT64:
+        n = n.to(tl.int64)
+        c = c.to(tl.int64)
+    return n, c, c < C
+
+
+@triton.jit
 def tile_sum(x_ptr, u_ptr, out_ptr, kn, base, c, c_mask, C, HW, hw_lo, hw_hi,
              GATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_HW: tl.constexpr, ACC: tl.constexpr, RESIDUAL: tl.constexpr = False):
+             BLOCK_HW: tl.constexpr, ACC: tl.constexpr, RESIDUAL: tl.constexpr = False,
+             NORM: tl.constexpr = False, alpha=None, beta=None):
     """Sum over positions [hw_lo, hw_hi) of channels c (BLOCK_C of them) of one sample at base:
     of out = gate(x, u, kn), which it also writes, if GATE, else of x.  Returns (BLOCK_C,).
-    If RESIDUAL, u_ptr holds the residual branch b and u = relu(b + x)."""
+    If RESIDUAL, u_ptr holds the residual branch b and u = relu(b + x); if NORM too, u_ptr holds z
+    and b = z * alpha + beta (alpha, beta: (BLOCK_C,) per-channel coefficients)."""
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
-        hw = (hw0 + tl.arange(0, BLOCK_HW)).to(c.dtype)  # int64 when c is (large tensors)
-        if CHANNELS_LAST:
-            offs = base + hw[None, :] * C + c[:, None]
-        else:
-            offs = base + c[:, None] * HW + hw[None, :]
-        mask = c_mask[:, None] & (hw < hw_hi)[None, :]
+        offs, mask = tile_offsets(base, c, c_mask, C, HW, hw0, hw_hi, CHANNELS_LAST, BLOCK_HW)
         v = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
         if GATE:
             uv = tl.load(u_ptr + offs, mask=mask, other=0).to(ACC)
+            if NORM:
+                uv = uv * alpha[:, None] + beta[:, None]
             if RESIDUAL:
                 uv, _ = residual_output(v, uv)
             v = v + (uv - v) * kn
@@ -201,43 +226,45 @@ def tile_sum(x_ptr, u_ptr, out_ptr, kn, base, c, c_mask, C, HW, hw_lo, hw_hi,
 
 @maybe_autotune(key=["C", "HW"])
 @triton.jit
-def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, N, C, HW, hw_per, divisor,
+def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, norm_ptr, N, C, HW, hw_per, divisor,
                 GATE: tl.constexpr, RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+                INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr,
+                NORM: tl.constexpr = False):
     """Program (n * channel blocks + block, split): channel sums of out = gate(x, u, k) (writing
     out) if GATE, else of x, over the split's positions, divided by `divisor` (H*W for the means
     when there is one split, 1 for partial sums), into sums[split, n, c].  RESIDUAL: u_ptr holds
-    the branch b, u = relu(b + x)."""
-    pid = tl.program_id(0)
+    the branch b, u = relu(b + x).  NORM (with RESIDUAL; bn_residual_gate_pool): u_ptr holds z and
+    b = z * alpha[c] + beta[c], rows 0 and 1 of the (rows, C) table at norm_ptr."""
+    n, c, c_mask = unit_channels(C, BLOCK_C, INT64)
     split = tl.program_id(1)
-    blocks = tl.cdiv(C, BLOCK_C)
-    n = pid // blocks
-    c = (pid % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if INT64:
-        n = n.to(tl.int64)
-        c = c.to(tl.int64)
-    c_mask = c < C
     kn = 0.0
     if GATE:
         kn = tl.load(k_ptr + n)
+    alpha = tl.zeros([BLOCK_C], dtype=ACC)
+    beta = alpha
+    if NORM:
+        alpha = tl.load(norm_ptr + c, mask=c_mask, other=0)
+        beta = tl.load(norm_ptr + C + c, mask=c_mask, other=0)
     hw_lo = split * hw_per
     hw_hi = tl.minimum(hw_lo + hw_per, HW)
     s = tile_sum(x_ptr, u_ptr, out_ptr, kn, n * C * HW, c, c_mask, C, HW, hw_lo, hw_hi,
-                 GATE, CHANNELS_LAST, BLOCK_C, BLOCK_HW, ACC, RESIDUAL)
+                 GATE, CHANNELS_LAST, BLOCK_C, BLOCK_HW, ACC, RESIDUAL, NORM, alpha, beta)
     tl.store(sums_ptr + (split * N + n) * C + c, (s / divisor).to(sums_ptr.dtype.element_ty), mask=c_mask)
 
 
 @maybe_autotune(key=["M", "C", "HW"])
 @triton.jit
-def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial_ptr, M, C, HW, P, iters,
+def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial_ptr, norm_ptr, M, C, HW, P, iters,
                      HAS_G: tl.constexpr, FOLD: tl.constexpr, RESIDUAL: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
-                     ACC: tl.constexpr):
+                     ACC: tl.constexpr, NORM: tl.constexpr = False):
     """Program (n, p) sweeps elements [p*iters*BLOCK, (p+1)*iters*BLOCK) of sample n once: g =
     grad_out (+ grad_pooled[n, c] / HW, pre-divided, if FOLD), writes grad_x = g - g*k and
     grad_u = g*k, and its partial sum of g * (u - x) into partial[n, p].  RESIDUAL: u_ptr holds
     the branch b, u = relu(b + x), grad_b = g*k where b + x > 0 (or NaN) else 0, and grad_x gets
-    grad_b added (the identity shortcut), in the order of math::residual_grad_x."""
+    grad_b added (the identity shortcut), in the order of math::residual_grad_x.  NORM (with
+    RESIDUAL): u_ptr holds z, b = z * alpha[c] + beta[c] (rows 0, 1 of the table at norm_ptr), and
+    gu_ptr receives grad_b."""
     pid = tl.program_id(0)
     n = pid // P
     p = pid % P
@@ -258,12 +285,14 @@ def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial
             g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
         else:
             g = tl.zeros([BLOCK], dtype=ACC)
+        if CHANNELS_LAST:  # the channel, for FOLD and NORM (dead code otherwise)
+            c = j % C
+        else:
+            c = j // HW
         if FOLD:
-            if CHANNELS_LAST:
-                c = j % C
-            else:
-                c = j // HW
             g += tl.load(gp_ptr + n * C + c, mask=mask, other=0)
+        if NORM:
+            uv = uv * tl.load(norm_ptr + c, mask=mask, other=0) + tl.load(norm_ptr + C + c, mask=mask, other=0)
         gk = g * kn
         gu = gk
         gx = g - gk
@@ -285,10 +314,11 @@ def in_kernel_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
 
 def channel_sums(x: torch.Tensor, u: Optional[torch.Tensor], k: Optional[torch.Tensor],
                  out: Optional[torch.Tensor], fmt: torch.memory_format, dtype: torch.dtype,
-                 residual: bool = False) -> torch.Tensor:
+                 residual: bool = False, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Channel means (N, C) in `dtype` of gate(x, u, k) (writing it to out) if u is given, else of
     x: one pass over x (and u).  x, u, out are in layout fmt; k is contiguous in the acc dtype.
-    residual: u is a residual branch and the gate's target is relu(u + x)."""
+    residual: u is a residual branch and the gate's target is relu(u + x); norm (with residual):
+    a contiguous (rows, C) acc-dtype table whose rows 0, 1 make the branch u * alpha + beta."""
     n, c, h, w = x.shape
     hw = h * w
     cl = fmt == torch.channels_last
@@ -301,9 +331,10 @@ def channel_sums(x: torch.Tensor, u: Optional[torch.Tensor], k: Optional[torch.T
     gate = u is not None
     grid = (n * triton.cdiv(c, cfg.block_c), cfg.split)
     launch(pool_kernel, grid, x, u if gate else x, k if gate else x, out if gate else x, sums,
-           n, c, hw, cfg.hw_per, hw if cfg.split == 1 else 1,
+           norm if norm is not None else sums, n, c, hw, cfg.hw_per, hw if cfg.split == 1 else 1,
            GATE=gate, RESIDUAL=residual, CHANNELS_LAST=cl, INT64=need_int64(x.numel()),
-           BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, ACC=acc_tl(x.dtype), num_warps=cfg.num_warps)
+           BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, ACC=acc_tl(x.dtype), NORM=norm is not None,
+           num_warps=cfg.num_warps)
     if cfg.split == 1:
         return sums[0]
     return (sums.sum(0) / hw).to(dtype)
@@ -332,12 +363,13 @@ def _gate_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _gate_pool_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
-                    residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_pool; residual_gate_pool (u is the branch) if residual."""
-    x, u, ka, fmt = _prepare(x, u, k, _u_name(residual))
+def _gate_pool_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, residual: bool = False,
+                    norm: Optional[torch.Tensor] = None, u_name: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_pool; residual_gate_pool (u is the branch) if residual; with a norm table (see
+    channel_sums), bn_residual_gate_pool's gate (u is z)."""
+    x, u, ka, fmt = _prepare(x, u, k, u_name or _u_name(residual))
     out = _validate.empty_out(x)
-    pooled = channel_sums(x, u, ka, out, fmt, x.dtype, residual)
+    pooled = channel_sums(x, u, ka, out, fmt, x.dtype, residual, norm)
     return out, pooled
 
 
@@ -364,14 +396,19 @@ def _check_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torc
 
 
 def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor],
-                        x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, residual: bool = False):
+                        x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, residual: bool = False,
+                        norm: Optional[torch.Tensor] = None, u_name: Optional[str] = None):
     """Backward of gate_pool (of gate without grad_pooled); of residual_gate_pool (u is the
-    branch) if residual."""
-    _check_backward(grad_out, grad_pooled, x, u, k, _u_name(residual))
+    branch) if residual; with a norm table (see channel_sums), pass 1 of bn_residual_gate_pool's
+    backward: u is z, and grad_u is grad_b, kept in the acc dtype for the later passes."""
+    u_name = u_name or _u_name(residual)
+    _check_backward(grad_out, grad_pooled, x, u, k, u_name)
     kdtype = k.dtype
-    x, u, ka, fmt = _prepare(x, u, k, _u_name(residual))
+    x, u, ka, fmt = _prepare(x, u, k, u_name)
     acc = ka.dtype
-    gx, gu = _validate.empty_out(x), _validate.empty_out(x)
+    gx = _validate.empty_out(x)
+    gu = _validate.empty_out(x) if norm is None else torch.empty(x.shape, dtype=acc, device=x.device,
+                                                                   memory_format=fmt)
     n, c, h, w = x.shape
     hw, m = h * w, c * h * w
     block, iters, per_sample = flat_config(n, m)
@@ -380,10 +417,11 @@ def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[
         g = in_kernel_format(grad_out.to(x.dtype), fmt) if grad_out is not None else x
         # d pooled / d out = 1 / HW, divided here as autograd of mean does.
         gp = (grad_pooled.to(acc) / hw).contiguous() if grad_pooled is not None else ka
-        launch(_gate_bwd_kernel, (n * per_sample,), g, gp, x, u, ka, gx, gu, partial, m, c, hw,
+        launch(_gate_bwd_kernel, (n * per_sample,), g, gp, x, u, ka, gx, gu, partial,
+               norm if norm is not None else ka, m, c, hw,
                per_sample, iters, HAS_G=grad_out is not None, FOLD=grad_pooled is not None,
                RESIDUAL=residual, CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(x.numel()),
-               BLOCK=block, ACC=acc_tl(x.dtype), num_warps=warps_for(block))
+               BLOCK=block, ACC=acc_tl(x.dtype), NORM=norm is not None, num_warps=warps_for(block))
     # Per-sample sum of the per-program partials, in program order: deterministic.
     return gx, gu, partial.sum(1).to(kdtype)
 
