@@ -27,7 +27,7 @@ TORCH_LIBRARY(fanet, m) {
   // shortcut hands over its branch, and its add and ReLU run inside the gate.
   m.def("residual_gate_pool(Tensor x, Tensor branch, Tensor k) -> (Tensor, Tensor)", tags);
   // residual_gate_pool with branch = batch_norm(z): the branch's last BatchNorm folded into the
-  // gate's pass (CPU kernels only; the Python wrappers compose it elsewhere).  Training: z's batch
+  // gate's pass (CPU kernels; fanet_kernels.ops composes it on CUDA).  Training: z's batch
   // statistics, returned as (mean, var) (biased var) for the caller to update its running stats;
   // else the running stats, returned as given.  Running stats are never written here.
   m.def(

@@ -953,7 +953,7 @@ struct Device {
 
 TORCH_LIBRARY_IMPL(fanet, CPU, m) {
   register_ops<Device>(m);
-  // CPU only: elsewhere fanet_kernels.ops composes it from batch_norm and residual_gate_pool.
+  // CPU only: on CUDA fanet_kernels.ops composes it from batch_norm and residual_gate_pool.
   m.impl("bn_residual_gate_pool", &bn_residual_gate_pool);
   m.impl("bn_residual_gate_pool_backward", &bn_residual_gate_pool_backward);
 }
