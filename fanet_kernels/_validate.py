@@ -98,6 +98,16 @@ def check_bn(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_
           f"argument 'z': Expected more than 1 value per channel when training, got input size {_shape(z)}")
 
 
+def check_bn_gate(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  running_mean, running_var, training: bool,
+                  names: tuple[str, str] = ("running_mean", "running_var")) -> None:
+    """The arguments of bn_residual_gate_pool (and, with the forward's statistics as ``running_mean``
+    and ``running_var`` and ``names`` ("mean", "var"), of its backward op): check_gate with z in
+    place of u, then check_bn."""
+    check_gate(x, z, k, "z")
+    check_bn(z, weight, bias, running_mean, running_var, training, names)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums and means accumulate in float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

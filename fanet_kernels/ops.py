@@ -100,16 +100,14 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("fanet::bn_residual_gate_pool")
     def _bn_residual_gate_pool_fake(x, z, k, weight, bias, running_mean, running_var, training, eps):
-        _validate.check_gate(x, z, k, "z")
-        _validate.check_bn(z, weight, bias, running_mean, running_var, training)
+        _validate.check_bn_gate(x, z, k, weight, bias, running_mean, running_var, training)
         c, acc = x.shape[1], _validate.acc_dtype(x.dtype)
         return (_validate.empty_out(x), x.new_empty((x.shape[0], c)), x.new_empty((c,), dtype=acc),
                 x.new_empty((c,), dtype=acc))
 
     @torch.library.register_fake("fanet::bn_residual_gate_pool_backward")
     def _bn_residual_gate_pool_backward_fake(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, training, eps):
-        _validate.check_gate(x, z, k, "z")
-        _validate.check_bn(z, weight, bias, mean, var, False, names=("mean", "var"))
+        _validate.check_bn_gate(x, z, k, weight, bias, mean, var, False, names=("mean", "var"))
         return (_validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape), weight.new_empty(weight.shape),
                 bias.new_empty(bias.shape))
 
@@ -196,8 +194,7 @@ def bn_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, wei
         branch = torch.nn.functional.batch_norm(z, running_mean, running_var, weight, bias, training, momentum, eps)
         return residual_gate_pool(x, branch, k, backend=impl.name)
     if not impl.checks_args:
-        _validate.check_gate(x, z, k, "z")
-        _validate.check_bn(z, weight, bias, running_mean, running_var, training)
+        _validate.check_bn_gate(x, z, k, weight, bias, running_mean, running_var, training)
     return impl.bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, training, momentum, eps)
 
 

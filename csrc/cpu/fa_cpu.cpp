@@ -904,15 +904,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool_backwar
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_norm_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* np = norm.const_data_ptr<acc_t>();
-    const Tensor w = acc_vector(weight, acc);
-    const acc_t* wp = w.const_data_ptr<acc_t>();
     acc_t *gwp = grad_w.mutable_data_ptr<acc_t>(), *gbp = grad_b.mutable_data_ptr<acc_t>(),
           *tp = gt.mutable_data_ptr<acc_t>();
     const double M = double(N * HW);
     reduce_channel_sums<acc_t>(csum, [&](int64_t c, double sum_g, double sum_gx) {
       gbp[c] = acc_t(sum_g);
       gwp[c] = acc_t(sum_gx);
-      const acc_t scale = wp[c] * np[kInvstd * C + c];
+      const acc_t scale = np[kAlpha * C + c];  // weight * invstd
       tp[kGradInvstd * C + c] = np[kInvstd * C + c];
       tp[kGradShift * C + c] = np[kShift * C + c];
       tp[kGradScale * C + c] = scale;

@@ -129,18 +129,14 @@ def _norm_table(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bia
     return torch.stack([alpha, bias.to(acc) - mean * alpha, invstd, -mean * invstd]).contiguous()
 
 
-def _check_args(x, z, k, weight, bias, mean, var, training, names=("running_mean", "running_var")) -> None:
-    _validate.check_gate(x, z, k, "z")
-    _validate.check_bn(z, weight, bias, mean, var, training, names=names)
-
-
 def _forward_impl(x, z, k, weight, bias, running_mean, running_var, training: bool, eps: float):
-    _check_args(x, z, k, weight, bias, running_mean, running_var, training)
+    _validate.check_bn_gate(x, z, k, weight, bias, running_mean, running_var, training)
     check_device(x)
     fmt = _validate.out_memory_format(x)
     acc = _validate.acc_dtype(x.dtype)
+    z = in_kernel_format(z, fmt)  # once, for the statistics and the gate
     if training:
-        mean, var = _batch_stats(in_kernel_format(z, fmt), fmt)
+        mean, var = _batch_stats(z, fmt)
     else:  # the running stats, returned as given (in the acc dtype); never written here
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     out, pooled = _gate_pool_impl(x, z, k, residual=True, norm=_norm_table(mean, var, weight, bias, eps), u_name="z")
@@ -148,19 +144,19 @@ def _forward_impl(x, z, k, weight, bias, running_mean, running_var, training: bo
 
 
 def _backward_impl(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, training: bool, eps: float):
-    _check_args(x, z, k, weight, bias, mean, var, False, names=("mean", "var"))
+    _validate.check_bn_gate(x, z, k, weight, bias, mean, var, False, names=("mean", "var"))
     acc = _validate.acc_dtype(x.dtype)
     m, v = mean.to(acc), var.to(acc)
     norm = _norm_table(m, v, weight, bias, eps)
-    # Pass 1: grad_x, grad_B (acc dtype, kernel layout), grad_k; checks grad_out and grad_pooled.
-    gx, gb, gk = _gate_backward_impl(grad_out, grad_pooled, x, z, k, residual=True, norm=norm, u_name="z")
     fmt = _validate.out_memory_format(x)
-    zf = in_kernel_format(z, fmt)
+    zf = in_kernel_format(z, fmt)  # once, for the three passes
+    # Pass 1: grad_x, grad_B (acc dtype, kernel layout), grad_k; checks grad_out and grad_pooled.
+    gx, gb, gk = _gate_backward_impl(grad_out, grad_pooled, x, zf, k, residual=True, norm=norm, u_name="z")
     n, c, h, w = x.shape
     count = n * h * w
     invstd, shift = norm[INVSTD], norm[SHIFT]
     sum_g, sum_gx = _pair_sums(gb, zf, torch.stack([torch.zeros_like(invstd), invstd, shift]).contiguous(), fmt)
-    scale = weight.to(acc) * invstd
+    scale = norm[ALPHA]  # weight * invstd
     if training:  # the statistics depend on z too: the means of grad_B and grad_B * xhat come out
         xcoef, const = ((-scale.double() * s / count).to(acc) for s in (sum_gx, sum_g))
     else:
@@ -200,7 +196,7 @@ def bn_residual_gate_pool_backward(grad_out: Optional[torch.Tensor], grad_pooled
 
 @bn_residual_gate_pool.register_fake
 def _(x, z, k, weight, bias, running_mean, running_var, training, eps):
-    _check_args(x, z, k, weight, bias, running_mean, running_var, training)
+    _validate.check_bn_gate(x, z, k, weight, bias, running_mean, running_var, training)
     c, acc = x.shape[1], _validate.acc_dtype(x.dtype)
     return (_validate.empty_out(x), x.new_empty((x.shape[0], c)), x.new_empty((c,), dtype=acc),
             x.new_empty((c,), dtype=acc))
@@ -208,7 +204,7 @@ def _(x, z, k, weight, bias, running_mean, running_var, training, eps):
 
 @bn_residual_gate_pool_backward.register_fake
 def _(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, training, eps):
-    _check_args(x, z, k, weight, bias, mean, var, False, names=("mean", "var"))
+    _validate.check_bn_gate(x, z, k, weight, bias, mean, var, False, names=("mean", "var"))
     return (_validate.empty_out(x), _validate.empty_out(x), k.new_empty(k.shape), weight.new_empty(weight.shape),
             bias.new_empty(bias.shape))
 
