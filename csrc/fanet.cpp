@@ -27,9 +27,9 @@ TORCH_LIBRARY(fanet, m) {
   // shortcut hands over its branch, and its add and ReLU run inside the gate.
   m.def("residual_gate_pool(Tensor x, Tensor branch, Tensor k) -> (Tensor, Tensor)", tags);
   // residual_gate_pool with branch = batch_norm(z): the branch's last BatchNorm folded into the
-  // gate's pass (CPU kernels; fanet_kernels.ops composes it on CUDA).  Training: z's batch
-  // statistics, returned as (mean, var) (biased var) for the caller to update its running stats;
-  // else the running stats, returned as given.  Running stats are never written here.
+  // gate's pass.  Training: z's batch statistics, returned as (mean, var) (biased var) for the
+  // caller to update its running stats; else the running stats, returned as given.  Running stats
+  // are never written here.
   m.def(
       "bn_residual_gate_pool(Tensor x, Tensor z, Tensor k, Tensor weight, Tensor bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)",

@@ -38,7 +38,7 @@ class Backend:
     residual_gate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     mlp: Callable[..., torch.Tensor]  # the MLP head of focus and association on (N, C) inputs
     # residual_gate_pool with the branch's last BatchNorm folded in, F.batch_norm's arguments after
-    # k; None: ops.bn_residual_gate_pool composes F.batch_norm and residual_gate_pool instead.
+    # k; None (reference): ops.bn_residual_gate_pool composes F.batch_norm and residual_gate_pool.
     bn_residual_gate_pool: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
     # True when the ops check their arguments themselves (the C++ ops, with the messages of
     # _validate): the Python-side checks are then skipped, saving ~8 us per call.

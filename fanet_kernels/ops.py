@@ -127,7 +127,7 @@ if HAS_EXTENSION:
             name=name, devices=devices, gate=torch.ops.fanet.gate.default,
             gate_pool=torch.ops.fanet.gate_pool.default, focus=torch.ops.fanet.focus.default,
             residual_gate_pool=torch.ops.fanet.residual_gate_pool.default, mlp=torch.ops.fanet.mlp.default,
-            bn_residual_gate_pool=_native_bn_residual_gate_pool if name == "cpu" else None, checks_args=True,
+            bn_residual_gate_pool=_native_bn_residual_gate_pool, checks_args=True,
         )
 
     BACKENDS = {"cpu": _compiled_backend("cpu", ("cpu",))}
@@ -186,9 +186,9 @@ def bn_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, wei
     """``residual_gate_pool(x, F.batch_norm(z, running_mean, running_var, weight, bias, training, momentum,
     eps), k)``: a residual block whose branch ends in a BatchNorm (z: the branch before it), with that
     BatchNorm folded into the gate.  The running stats are updated as F.batch_norm updates them.  On the
-    CPU backend one op: the batch statistics take one read of z, the normalized branch is never
-    written, and the backward is two passes instead of the gate's and BatchNorm's three (Triton: fused
-    as well).  Backends without it (cuda, reference) run F.batch_norm and their residual_gate_pool."""
+    cpu, cuda and triton backends one op: the batch statistics take one read of z, the normalized branch
+    is never written, and the backward is two passes instead of the gate's and BatchNorm's three.  The
+    reference backend runs F.batch_norm and its residual_gate_pool."""
     impl = _backend_for(backend, x)
     if impl.bn_residual_gate_pool is None or x.numel() == 0:
         branch = torch.nn.functional.batch_norm(z, running_mean, running_var, weight, bias, training, momentum, eps)

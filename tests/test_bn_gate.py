@@ -3,12 +3,12 @@
 ``ops.bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, training, momentum,
 eps)`` is ``residual_gate_pool(x, F.batch_norm(z, ...), k)`` with the BatchNorm computed in the
 accumulation dtype and the result rounded once; running stats are updated as F.batch_norm does.
-The fused "cpu" backend (torch.ops.fanet.bn_residual_gate_pool and its backward op) is tested
-against reference.bn_residual_gate_pool, and the FA chains' fold against the unfused blocks; so is
-the fused "triton" backend (torch.ops.fanet_triton.bn_residual_gate_pool), on CPU tensors under the
+The fused "cpu" and "cuda" backends (torch.ops.fanet.bn_residual_gate_pool and its backward op) are
+tested against reference.bn_residual_gate_pool, and the FA chains' fold against the unfused blocks; so
+is the fused "triton" backend (torch.ops.fanet_triton.bn_residual_gate_pool), on CPU tensors under the
 Triton interpreter (TRITON_INTERPRET=1, tests/conftest.py) with a smaller "large" case, and on CUDA.
-Ids start with "<backend>-<device>" as in test_ops.py; the CUDA targets (for "cuda", F.batch_norm
-composed with the cuda backend's residual_gate_pool) are marked ``cuda`` and skipped without a GPU.
+Ids start with "<backend>-<device>" as in test_ops.py; the CUDA targets are marked ``cuda`` and
+skipped without a GPU.
 """
 from __future__ import annotations
 
@@ -440,6 +440,35 @@ def test_gradcheck_float64(mode, layout, backend):
     # The interpreter: fast mode (random directions, a few evaluations instead of ~500, ~30 s each).
     assert torch.autograd.gradcheck(fused_fn(backend, stats, mode != "eval"), tuple(inputs),
                                     fast_mode=backend == "triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "train_no_stats", "eval"])
+def test_cuda_op_contract(mode, layout):
+    """The CUDA kernels of the C++ op (the targets above test their values): opcheck of both ops,
+    float64 gradcheck, and identical bits run to run (the sums are reduced without atomics)."""
+    reason = cuda_skip_reason("cuda")
+    if reason:
+        pytest.skip(reason)
+    forward, backward = fused_ops("fanet")
+    training = mode != "eval"
+    inputs, stats = make_inputs((2, 6, 3, 5), torch.float32, layout, "cuda", requires_grad=True)
+    stats = (None, None) if mode == "train_no_stats" else stats
+    torch.library.opcheck(forward, (*inputs, *stats, training, EPS))
+    (x, z, k, w, b), (rm, rv) = make_inputs((2, 6, 3, 5), torch.float32, layout, "cuda")
+    mean, var = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)) if training else (rm, rv)
+    g_out = make((2, 6, 3, 5), torch.float32, layout, device="cuda", seed=2)
+    torch.library.opcheck(backward, (g_out, torch.randn(2, 6, device="cuda"), x, z, k, w, b, mean, var, training, EPS))
+    inputs64, stats64 = make_inputs((2, 3, 4, 5), torch.float64, layout, "cuda", requires_grad=True)
+    stats64 = (None, None) if mode == "train_no_stats" else stats64
+    assert torch.autograd.gradcheck(fused_fn("cuda", stats64, training), tuple(inputs64))
+    big, big_stats = make_inputs(SHAPES["large"], torch.float32, layout, "cuda", requires_grad=True)
+    big_stats = (None, None) if mode == "train_no_stats" else big_stats
+    fn = fused_fn("cuda", big_stats, training)
+    runs = [(*fn(*big), *grads(fn, big)) for _ in range(2)]
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -56,27 +56,32 @@ FANET_HD T gate_grad_k_term(T g, T x, T u) {
 // branch).  The residual ops take B instead of U and form U on the fly, so the block's
 // add, its ReLU and their backward passes cost no extra sweep over memory.
 
-// Comparison and selection, which SIMD vectors spell differently from scalars: this
-// primary template serves float/double (CPU scalars, CUDA registers); csrc/cpu/fa_cpu.cpp
-// specializes it for at::vec::Vectorized.
+FANET_HD float fma_(float a, float b, float c) { return fmaf(a, b, c); }
+FANET_HD double fma_(double a, double b, double c) { return fma(a, b, c); }
+
+// Comparison, selection and fused multiply-add, which SIMD vectors spell differently from
+// scalars: this primary template serves float/double (CPU scalars, CUDA registers);
+// csrc/cpu/fa_cpu.cpp specializes it for at::vec::Vectorized.
 template <typename T>
-struct Select {
+struct Lane {
   // v where r > 0 or r is NaN, else 0: torch's threshold(r, 0, 0) rule, which relu and
   // its backward (threshold_backward) follow.
   static FANET_HD T unless_nonpositive(T r, T v) { return r <= T(0) ? T(0) : v; }
+  // a * b + c rounded once (the CPU's vector fmadd), so both devices round alike.
+  static FANET_HD T fmadd(T a, T b, T c) { return fma_(a, b, c); }
 };
 
 // U = relu(B + X), as the block computes it (b + x, in that order).
 template <typename T>
 FANET_HD T residual_output(T x, T b) {
   const T r = b + x;
-  return Select<T>::unless_nonpositive(r, r);
+  return Lane<T>::unless_nonpositive(r, r);
 }
 
 // d out / d B: grad_u = g * k passes where B + X > 0.
 template <typename T>
 FANET_HD T residual_grad_branch(T g, T k, T x, T b) {
-  return Select<T>::unless_nonpositive(b + x, gate_grad_u(g, k));
+  return Lane<T>::unless_nonpositive(b + x, gate_grad_u(g, k));
 }
 
 // d out / d X: through the weighting (g - g*k) and through the identity shortcut (grad_b),
@@ -84,6 +89,74 @@ FANET_HD T residual_grad_branch(T g, T k, T x, T b) {
 template <typename T>
 FANET_HD T residual_grad_x(T g, T k, T grad_b) {
   return gate_grad_x(g, k) + grad_b;
+}
+
+// ---- BatchNorm inside the residual gate (bn_residual_gate_pool) -----------------------
+// The branch is B = batch_norm(z).  The ops never write B: they form it from z and a per-channel
+// table, B = z * alpha + beta with alpha = weight * invstd, beta = bias - mean * alpha (ATen's
+// form), and xhat = z * invstd + shift with shift = -mean * invstd for the backward.
+
+template <typename T>
+FANET_HD T norm_branch(T z, T alpha, T beta) {
+  return Lane<T>::fmadd(z, alpha, beta);
+}
+
+template <typename T>
+FANET_HD T norm_xhat(T z, T invstd, T shift) {
+  return Lane<T>::fmadd(z, invstd, shift);
+}
+
+// The batch statistics' shifted moments: d = z - K_c summed and squared into s1, s2 (the shift
+// K_c, a value of channel c, keeps the variance exact where the mean is large against the spread).
+template <typename T>
+FANET_HD void add_moments(T d, T& s1, T& s2) {
+  s1 = s1 + d;
+  s2 = Lane<T>::fmadd(d, d, s2);
+}
+
+// The channel sums of BatchNorm's backward: grad_B and grad_B * xhat.
+template <typename T>
+FANET_HD void add_norm_grad_sums(T grad_b, T xhat, T& sum_g, T& sum_gx) {
+  sum_g = sum_g + grad_b;
+  sum_gx = Lane<T>::fmadd(grad_b, xhat, sum_gx);
+}
+
+// BatchNorm's input gradient from grad_B: grad_z = grad_B * scale + xhat * xhat_coef + constant
+// (scale = alpha; training: xhat_coef = -scale * mean(grad_B * xhat), constant = -scale * mean(grad_B);
+// eval: both 0).
+template <typename T>
+FANET_HD T norm_input_grad(T grad_b, T z, T invstd, T shift, T scale, T xhat_coef, T constant) {
+  return Lane<T>::fmadd(grad_b, scale, Lane<T>::fmadd(norm_xhat(z, invstd, shift), xhat_coef, constant));
+}
+
+FANET_HD float sqrt_(float v) { return sqrtf(v); }
+FANET_HD double sqrt_(double v) { return sqrt(v); }
+
+// Per channel, from the moments summed over the batch (in double, over M = N * H * W values):
+// mean and biased variance in T.
+template <typename T>
+FANET_HD void batch_moments(double shift, double s1, double s2, double M, T& mean, T& var) {
+  const double m = s1 / M, v = s2 / M - m * m;
+  mean = T(shift + m);
+  var = T(v > 0.0 ? v : 0.0);
+}
+
+// The table row of channel c (see above) from its statistics and affine parameters.
+template <typename T>
+FANET_HD void norm_coefficients(T mean, T var, T weight, T bias, double eps, T& alpha, T& beta, T& invstd, T& shift) {
+  invstd = T(1) / sqrt_(var + T(eps));
+  alpha = weight * invstd;
+  beta = bias - mean * alpha;
+  shift = -mean * invstd;
+}
+
+// norm_input_grad's xhat_coef and constant from the channel sums of grad_B (sum_g) and
+// grad_B * xhat (sum_gx): in training the statistics depend on z too, which takes their means out.
+template <typename T>
+FANET_HD void norm_grad_coefficients(T scale, double sum_g, double sum_gx, double M, bool training, T& xhat_coef,
+                                     T& constant) {
+  xhat_coef = training ? T(-double(scale) * sum_gx / M) : T(0);
+  constant = training ? T(-double(scale) * sum_g / M) : T(0);
 }
 
 // ---- focus MLP: k' = sigmoid(w2 . relu(w1 . l + b1) + b2) --------------------------

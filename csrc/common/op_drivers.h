@@ -14,6 +14,17 @@
 //   static std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward(const GateBackwardInputs&, const at::Tensor& k);
 //       // (grad_x, grad_u, grad_k) of the weighting, grad_pooled folded in when defined;
 //       // with b.in.residual (grad_x, grad_branch, grad_k), grad_x including the shortcut's share
+// and for bn_residual_gate_pool (the branch's last BatchNorm inside the residual gate; NormRow and
+// GradRow below are the layouts of its per-channel tables):
+//   static void batch_stats(z, shift, fmt, mean, var);
+//       // fills mean, var (C,) with z's batch statistics (biased var) from its moments about shift
+//   static void norm_table(mean, var, weight, bias, double eps, t);   // fills t (kNormRows, C)
+//       // (every tensor but z in the acc dtype)
+//   static std::tuple<at::Tensor, at::Tensor> gate_pool(const GateInputs&, const at::Tensor& norm);
+//       // the residual gate_pool with branch B = z * alpha + beta (in.u holds z)
+//   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_gate_backward(
+//       const GateBackwardInputs&, const at::Tensor& k, const at::Tensor& norm, bool training);
+//       // (grad_x, grad_z, grad_k, grad_weight, grad_bias), the last two in the acc dtype
 #pragma once
 
 #include <ATen/ATen.h>
@@ -144,6 +155,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_backw
   return {grad_l.to(l.scalar_type()), gw1, gb1, gw2, gb2};
 }
 
+// ---- bn_residual_gate_pool --------------------------------------------------------------
+
+// Rows of the (kNormRows, C) table of the kernels (fa_math.h's norm_coefficients): B = z * alpha + beta
+// is the normalized branch, xhat = z * invstd + shift the normalized input.
+enum NormRow { kAlpha, kBeta, kInvstd, kShift, kNormRows };
+
+// Rows of the (kGradRows, C) table of BatchNorm's input gradient (fa_math.h's norm_input_grad).
+enum GradRow { kGradInvstd, kGradShift, kGradScale, kGradXhat, kGradConst, kGradRows };
+
+// A (C,) tensor in the accumulation dtype, contiguous.
+inline at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+
+// (mean, biased var) of z per channel in the accumulation dtype, z non-empty.  The moments are taken
+// about K_c = z[0, c, H/2, W/2], a value of the channel (the centre, not a corner that padding may
+// make atypical), so sums of z - K_c stay near the spread where the mean is large against it.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z, at::MemoryFormat fmt) {
+  const auto acc = acc_dtype(z.scalar_type());
+  const at::Tensor shift = acc_vector(z.select(0, 0).select(1, z.size(2) / 2).select(1, z.size(3) / 2), acc);
+  at::Tensor mean = at::empty({z.size(1)}, z.options().dtype(acc)), var = at::empty_like(mean);
+  Device::batch_stats(z, shift, fmt, mean, var);
+  return {mean, var};
+}
+
+// The (kNormRows, C) table of the kernels.
+template <typename Device>
+at::Tensor norm_table(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                      const at::Tensor& bias, double eps) {
+  const auto acc = mean.scalar_type();
+  at::Tensor t = at::empty({kNormRows, mean.size(0)}, mean.options());
+  Device::norm_table(mean, var, acc_vector(weight, acc), acc_vector(bias, acc), eps, t);
+  return t;
+}
+
+// Training: z's batch statistics; eval: the running stats, returned as given.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_residual_gate_pool_op(
+    const at::Tensor& x, const at::Tensor& z, const at::Tensor& k, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  auto in = prepare_gate(x, z, k, "z");
+  in.residual = true;
+  check_bn_args(z, weight, bias, running_mean, running_var, training);
+  [[maybe_unused]] const auto guard = Device::guard(x);
+  const auto acc = acc_dtype(x.scalar_type());
+  at::Tensor mean, var;
+  if (!training) {
+    mean = acc_vector(*running_mean, acc).clone();
+    var = acc_vector(*running_var, acc).clone();
+  } else if (z.numel() > 0) {
+    std::tie(mean, var) = batch_stats<Device>(in.u, in.fmt);
+  } else {  // z empty: no statistics, zeros
+    mean = at::zeros({z.size(1)}, x.options().dtype(acc));
+    var = at::zeros_like(mean);
+  }
+  auto [out, pooled] = Device::gate_pool(in, norm_table<Device>(mean, var, weight, bias, eps));
+  return {out, pooled, mean, var};
+}
+
+// mean, var: the forward's statistics.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_residual_gate_pool_backward_op(
+    const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_pooled, const at::Tensor& x,
+    const at::Tensor& z, const at::Tensor& k, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& var, bool training, double eps) {
+  auto b = prepare_gate_backward(grad_out, grad_pooled, x, z, k, "z");
+  b.in.residual = true;
+  check_bn_args(z, weight, bias, mean, var, false, "mean", "var");
+  [[maybe_unused]] const auto guard = Device::guard(x);
+  const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor norm = norm_table<Device>(acc_vector(mean, acc), acc_vector(var, acc), weight, bias, eps);
+  auto [gx, gz, gk, gw, gb] = Device::bn_gate_backward(b, k, norm, training);
+  return {gx, gz, gk, gw.to(weight.scalar_type()), gb.to(bias.scalar_type())};
+}
+
 // Registers the ops of a device backend: m.impl for every schema of csrc/fanet.cpp.
 template <typename Device>
 void register_ops(torch::Library& m) {
@@ -157,6 +243,8 @@ void register_ops(torch::Library& m) {
   m.impl("focus_backward", &focus_backward_op<Device>);
   m.impl("mlp", &mlp_op<Device>);
   m.impl("mlp_backward", &mlp_backward_op<Device>);
+  m.impl("bn_residual_gate_pool", &bn_residual_gate_pool_op<Device>);
+  m.impl("bn_residual_gate_pool_backward", &bn_residual_gate_pool_backward_op<Device>);
 }
 
 }  // namespace fanet

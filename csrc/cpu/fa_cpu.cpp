@@ -25,14 +25,15 @@
 
 namespace fanet {
 namespace math {
-// fa_math.h's selection primitive on SIMD lanes: a lane compare gives an all-ones mask.
+// fa_math.h's lane primitives on SIMD vectors: a lane compare gives an all-ones mask.
 template <typename T>
-struct Select<at::vec::Vectorized<T>> {
+struct Lane<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   static inline V unless_nonpositive(const V& r, const V& v) {
     const V zero(T(0));
     return V::blendv(v, zero, r <= zero);
   }
+  static inline V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
 };
 }  // namespace math
 
@@ -144,10 +145,6 @@ struct ChannelTable {
   }
 };
 
-// Rows of the BatchNorm tables of bn_residual_gate_pool (built by norm_table): B = z * alpha + beta
-// is the normalized branch, xhat = z * invstd + shift the normalized input.
-enum NormRow { kAlpha, kBeta, kInvstd, kShift, kNormRows };
-
 // Channel block of one channels_last work unit: its running sums stay in L1.  A multiple
 // of every kStep, so masked steps stay inside the block's sums.
 constexpr int64_t kChannelBlock = 256;
@@ -184,8 +181,8 @@ inline void forward_step(const scalar_t* x, const scalar_t* u, scalar_t* out, in
     AVec u0, u1;
     L::load(u + at, u0, u1, n);
     if constexpr (kNorm) {
-      u0 = vec::fmadd(u0, nv[2 * kAlpha], nv[2 * kBeta]);
-      u1 = vec::fmadd(u1, nv[2 * kAlpha + 1], nv[2 * kBeta + 1]);
+      u0 = math::norm_branch(u0, nv[2 * kAlpha], nv[2 * kBeta]);
+      u1 = math::norm_branch(u1, nv[2 * kAlpha + 1], nv[2 * kBeta + 1]);
     }
     if constexpr (kResidual) {
       u0 = math::residual_output(v0, u0);
@@ -311,18 +308,16 @@ inline void backward_step(const scalar_t* g, const scalar_t* x, const scalar_t* 
   }
   if constexpr (kNorm) {
     if (n < L::kStep) L::keep_first(g0, g1, n);  // masked lanes: B = beta, not 0
-    xh0 = vec::fmadd(u0, nv[2 * kInvstd], nv[2 * kShift]);
-    xh1 = vec::fmadd(u1, nv[2 * kInvstd + 1], nv[2 * kShift + 1]);
-    u0 = vec::fmadd(u0, nv[2 * kAlpha], nv[2 * kBeta]);
-    u1 = vec::fmadd(u1, nv[2 * kAlpha + 1], nv[2 * kBeta + 1]);
+    xh0 = math::norm_xhat(u0, nv[2 * kInvstd], nv[2 * kShift]);
+    xh1 = math::norm_xhat(u1, nv[2 * kInvstd + 1], nv[2 * kShift + 1]);
+    u0 = math::norm_branch(u0, nv[2 * kAlpha], nv[2 * kBeta]);
+    u1 = math::norm_branch(u1, nv[2 * kAlpha + 1], nv[2 * kBeta + 1]);
   }
   if constexpr (kResidual) {
     const AVec gb0 = math::residual_grad_branch(g0, k, x0, u0), gb1 = math::residual_grad_branch(g1, k, x1, u1);
     if constexpr (kNorm) {
-      cs[0] = cs[0] + gb0;
-      cs[1] = cs[1] + gb1;
-      cs[2] = vec::fmadd(gb0, xh0, cs[2]);
-      cs[3] = vec::fmadd(gb1, xh1, cs[3]);
+      math::add_norm_grad_sums(gb0, xh0, cs[0], cs[2]);
+      math::add_norm_grad_sums(gb1, xh1, cs[1], cs[3]);
     }
     L::store(gx + at, math::residual_grad_x(g0, k, gb0), math::residual_grad_x(g1, k, gb1), n);
     L::store(gu + at, gb0, gb1, n);
@@ -542,10 +537,8 @@ void channel_sums(const scalar_t* z, const at::opmath_type<scalar_t>* shift, at:
     d0 = d0 - kv[0];
     d1 = d1 - kv[1];
     if (n < L::kStep) L::keep_first(d0, d1, n);
-    cs[0] = cs[0] + d0;
-    cs[1] = cs[1] + d1;
-    cs[2] = vec::fmadd(d0, d0, cs[2]);
-    cs[3] = vec::fmadd(d1, d1, cs[3]);
+    math::add_moments(d0, cs[0], cs[2]);
+    math::add_moments(d1, cs[1], cs[3]);
   };
   const AVec zero(acc_t(0));
   if (!channels_last) {
@@ -599,11 +592,7 @@ void channel_sums(const scalar_t* z, const at::opmath_type<scalar_t>* shift, at:
   });
 }
 
-// Rows of the table of norm_grad: grad_z = grad_B * scale + xhat * xhat_coef + constant, with
-// xhat = z * invstd + shift (BatchNorm's input gradient; xhat_coef = constant = 0 in eval mode).
-enum GradRow { kGradInvstd, kGradShift, kGradScale, kGradXhat, kGradConst, kGradRows };
-
-// grad_z from grad_B (in place: gz holds grad_B on entry) and z.
+// grad_z from grad_B (in place: gz holds grad_B on entry) and z; t: the (kGradRows, C) table.
 template <typename scalar_t>
 void norm_grad(scalar_t* gz, const scalar_t* z, const at::opmath_type<scalar_t>* t, int64_t N, int64_t C, int64_t HW,
                bool channels_last) {
@@ -614,10 +603,11 @@ void norm_grad(scalar_t* gz, const scalar_t* z, const at::opmath_type<scalar_t>*
     AVec g0, g1, z0, z1;
     L::load(gp, g0, g1, n);
     L::load(zp, z0, z1, n);
-    z0 = vec::fmadd(vec::fmadd(z0, cv[2 * kGradInvstd], cv[2 * kGradShift]), cv[2 * kGradXhat], cv[2 * kGradConst]);
-    z1 = vec::fmadd(vec::fmadd(z1, cv[2 * kGradInvstd + 1], cv[2 * kGradShift + 1]), cv[2 * kGradXhat + 1],
-                    cv[2 * kGradConst + 1]);
-    L::store(gp, vec::fmadd(g0, cv[2 * kGradScale], z0), vec::fmadd(g1, cv[2 * kGradScale + 1], z1), n);
+    const auto grad = [&](const AVec& g, const AVec& z, int h) {
+      return math::norm_input_grad(g, z, cv[2 * kGradInvstd + h], cv[2 * kGradShift + h], cv[2 * kGradScale + h],
+                                   cv[2 * kGradXhat + h], cv[2 * kGradConst + h]);
+    };
+    L::store(gp, grad(g0, z0, 0), grad(g1, z1, 1), n);
   };
   if (!channels_last) {
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
@@ -801,9 +791,6 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
 
 // ---- bn_residual_gate_pool: host side -----------------------------------------------------
 
-// A (C,) tensor in the accumulation dtype, contiguous (its data is read on the host).
-inline Tensor acc_vector(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
-
 // Per-channel sums of csum (N, C, 2), over the batch in a fixed order, in double.
 template <typename acc_t, typename F>
 void reduce_channel_sums(const Tensor& csum, const F& per_channel) {
@@ -819,84 +806,46 @@ void reduce_channel_sums(const Tensor& csum, const F& per_channel) {
   }
 }
 
-// (mean, biased var) of z per channel, in the accumulation dtype.
-std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, at::MemoryFormat fmt) {
+// Fills mean and var (C,) with z's batch statistics from its moments about shift (one read of z).
+void batch_stats(const Tensor& z, const Tensor& shift, at::MemoryFormat fmt, const Tensor& mean, const Tensor& var) {
   const int64_t N = z.size(0), C = z.size(1), HW = plane(z);
-  const auto acc = acc_dtype(z.scalar_type());
-  Tensor mean = at::zeros({C}, z.options().dtype(acc)), var = at::zeros({C}, z.options().dtype(acc));
-  if (z.numel() == 0) return {mean, var};
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  // K_c = z[0, c, H/2, W/2]: a value of the channel (the centre, not a corner that padding may make
-  // atypical), so sums of z - K_c stay near the spread.
-  const Tensor shift = acc_vector(z.select(0, 0).select(1, z.size(2) / 2).select(1, z.size(3) / 2), acc);
-  Tensor csum = at::empty({N, C, 2}, z.options().dtype(acc));
+  Tensor csum = at::empty({N, C, 2}, mean.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fanet_batch_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    channel_sums<scalar_t>(z.const_data_ptr<scalar_t>(), shift.const_data_ptr<acc_t>(), csum.mutable_data_ptr<acc_t>(),
-                           N, C, HW, cl);
-    const double M = double(N * HW);
     const acc_t* kp = shift.const_data_ptr<acc_t>();
+    channel_sums<scalar_t>(z.const_data_ptr<scalar_t>(), kp, csum.mutable_data_ptr<acc_t>(), N, C, HW,
+                           fmt == at::MemoryFormat::ChannelsLast);
+    const double M = double(N * HW);
     acc_t *mp = mean.mutable_data_ptr<acc_t>(), *vp = var.mutable_data_ptr<acc_t>();
     reduce_channel_sums<acc_t>(csum, [&](int64_t c, double s1, double s2) {
-      const double m = s1 / M;
-      mp[c] = acc_t(double(kp[c]) + m);
-      vp[c] = acc_t(std::max(0.0, s2 / M - m * m));
+      math::batch_moments(double(kp[c]), s1, s2, M, mp[c], vp[c]);
     });
   });
-  return {mean, var};
 }
 
-// The (kNormRows, C) table of the kernels from the statistics and the affine parameters.
-Tensor norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps) {
+// Fills the (kNormRows, C) table t from the statistics and the affine parameters (all acc dtype).
+void norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
+                const Tensor& t) {
   const int64_t C = mean.size(0);
-  const auto acc = mean.scalar_type();
-  const Tensor w = acc_vector(weight, acc), b = acc_vector(bias, acc);
-  Tensor t = at::empty({kNormRows, C}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "fanet_norm_table_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fanet_norm_table_cpu", [&] {
     const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *vp = var.const_data_ptr<scalar_t>(),
-                   *wp = w.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>();
+                   *wp = weight.const_data_ptr<scalar_t>(), *bp = bias.const_data_ptr<scalar_t>();
     scalar_t* tp = t.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t invstd = scalar_t(1) / std::sqrt(vp[c] + scalar_t(eps));
-      const scalar_t alpha = wp[c] * invstd;  // B = z * alpha + beta, as ATen's batch norm forms it
-      tp[kAlpha * C + c] = alpha;
-      tp[kBeta * C + c] = bp[c] - mp[c] * alpha;
-      tp[kInvstd * C + c] = invstd;
-      tp[kShift * C + c] = -mp[c] * invstd;
-    }
+    for (int64_t c = 0; c < C; ++c)
+      math::norm_coefficients(mp[c], vp[c], wp[c], bp[c], eps, tp[kAlpha * C + c], tp[kBeta * C + c],
+                              tp[kInvstd * C + c], tp[kShift * C + c]);
   });
-  return t;
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool(
-    const Tensor& x, const Tensor& z, const Tensor& k, const Tensor& weight, const Tensor& bias,
-    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps) {
-  auto in = prepare_gate(x, z, k, "z");
-  in.residual = true;
-  check_bn_args(z, weight, bias, running_mean, running_var, training);
-  const auto acc = acc_dtype(x.scalar_type());
-  auto [mean, var] = training ? batch_stats(in.u, in.fmt)
-                              : std::tuple<Tensor, Tensor>{acc_vector(*running_mean, acc).clone(),
-                                                           acc_vector(*running_var, acc).clone()};
-  auto [out, pooled] = gate_pool(in, norm_table(mean, var, weight, bias, eps));
-  return {out, pooled, mean, var};
 }
 
 // Pass 1: the residual gate's backward with B formed from z, which also takes the channel sums;
 // pass 2: BatchNorm's input gradient from them, over grad_B in place.  For float16/bfloat16 grad_B is
 // rounded on its way from pass 1 to pass 2 (the sums are of the unrounded values), as the unfused
 // gate backward rounds it before ATen's batch norm backward reads it.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool_backward(
-    const std::optional<Tensor>& grad_out, const std::optional<Tensor>& grad_pooled, const Tensor& x,
-    const Tensor& z, const Tensor& k, const Tensor& weight, const Tensor& bias, const Tensor& mean,
-    const Tensor& var, bool training, double eps) {
-  auto b = prepare_gate_backward(grad_out, grad_pooled, x, z, k, "z");
-  b.in.residual = true;
-  check_bn_args(z, weight, bias, mean, var, false, "mean", "var");
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_gate_backward(const GateBackwardInputs& b, const Tensor& k,
+                                                                    const Tensor& norm, bool training) {
+  const Tensor& x = b.in.x;
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
-  const Tensor m = acc_vector(mean, acc), v = acc_vector(var, acc);
-  const Tensor norm = norm_table(m, v, weight, bias, eps);
   Tensor csum = at::empty({N, C, 2}, x.options().dtype(acc));  // every pair is written
   auto [gx, gz, gk] = gate_backward_impl(b, k, norm, csum);
   Tensor grad_w = at::empty({C}, x.options().dtype(acc)), grad_b = at::empty({C}, x.options().dtype(acc));
@@ -914,22 +863,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool_backwar
       tp[kGradInvstd * C + c] = np[kInvstd * C + c];
       tp[kGradShift * C + c] = np[kShift * C + c];
       tp[kGradScale * C + c] = scale;
-      // Training: the statistics depend on z too, which takes the means of grad_B and grad_B * xhat out.
-      tp[kGradXhat * C + c] = training ? acc_t(-double(scale) * sum_gx / M) : acc_t(0);
-      tp[kGradConst * C + c] = training ? acc_t(-double(scale) * sum_g / M) : acc_t(0);
+      math::norm_grad_coefficients(scale, sum_g, sum_gx, M, training, tp[kGradXhat * C + c], tp[kGradConst * C + c]);
     });
     if (x.numel() > 0)
       norm_grad<scalar_t>(gz.mutable_data_ptr<scalar_t>(), b.in.u.const_data_ptr<scalar_t>(), tp, N, C, HW,
                           b.in.fmt == at::MemoryFormat::ChannelsLast);
   });
-  return {gx, gz, gk, grad_w.to(weight.scalar_type()), grad_b.to(bias.scalar_type())};
+  return {gx, gz, gk, grad_w, grad_b};
 }
 
 // The kernels of this device, for the shared drivers of csrc/common/op_drivers.h.
 struct Device {
   static int guard(const Tensor&) { return 0; }  // one device: nothing to guard
   static Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return cpu::gate(x, u, k); }
-  static std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in) { return cpu::gate_pool(in); }
+  static std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in, const Tensor& norm = Tensor()) {
+    return cpu::gate_pool(in, norm);
+  }
   static Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) { return cpu::pool_acc(x, fmt); }
   static void mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden, const Tensor& k,
                   const Tensor& grad_k, const Tensor& grad_z, const Tensor& grad_h, const Tensor& grad_l) {
@@ -945,15 +894,25 @@ struct Device {
   static std::tuple<Tensor, Tensor, Tensor> gate_backward(const GateBackwardInputs& b, const Tensor& k) {
     return gate_backward_impl(b, k);
   }
+  static void batch_stats(const Tensor& z, const Tensor& shift, at::MemoryFormat fmt, const Tensor& mean,
+                          const Tensor& var) {
+    cpu::batch_stats(z, shift, fmt, mean, var);
+  }
+  static void norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
+                         const Tensor& t) {
+    cpu::norm_table(mean, var, weight, bias, eps, t);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_gate_backward(const GateBackwardInputs& b,
+                                                                             const Tensor& k, const Tensor& norm,
+                                                                             bool training) {
+    return cpu::bn_gate_backward(b, k, norm, training);
+  }
 };
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fanet, CPU, m) {
   register_ops<Device>(m);
-  // CPU only: on CUDA fanet_kernels.ops composes it from batch_norm and residual_gate_pool.
-  m.impl("bn_residual_gate_pool", &bn_residual_gate_pool);
-  m.impl("bn_residual_gate_pool_backward", &bn_residual_gate_pool_backward);
 }
 
 }  // namespace cpu

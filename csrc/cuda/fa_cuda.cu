@@ -202,76 +202,77 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
   }
 }
 
-// ---- pooling, NCHW: one group of threads per (n, c) plane ------------------------------------
+// ---- channel walks: sums per (n, c) over the activations ---------------------------------------
 //
-// kGate: out = gate(x, u, k[n]) is written and pooled (gate_pool); otherwise x is pooled
-// (focus); kResidual (with kGate): u holds a residual branch B and the gate weights towards
-// relu(B + x).  `group` threads share a plane: 32 (one warp, several planes per block) for small
-// planes, kThreads for large ones.  pooled[p] = mean of the plane, in acc_t.
-template <typename scalar_t, int kVec, bool kGate, bool kResidual>
-__global__ void __launch_bounds__(kThreads) pool_nchw_kernel(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ u,
-    const at::opmath_type<scalar_t>* __restrict__ k, scalar_t* __restrict__ out,
-    at::opmath_type<scalar_t>* __restrict__ pooled, int64_t planes, int64_t C, int64_t HW, int group) {
-  static_assert(kGate || !kResidual, "kResidual needs kGate");
-  using acc_t = at::opmath_type<scalar_t>;
+// The pools, the BatchNorm statistics, the BatchNorm gate's backward and BatchNorm's input gradient
+// all walk a tensor channel by channel.  A walk visits every element once, in packs of kVec, and
+// hands each pack to an Op:
+//   using acc_t;  static constexpr int kSums;   // sums per (n, c); 0: an element-wise pass
+//   template <int kL> struct Channel;            // a thread's constants of kL consecutive channels
+//   template <int kL> Channel<kL> channel(int64_t n, int64_t c) const;
+//   template <int kVec, int kL, int kS> void step(const Channel<kL>&, int64_t off, acc_t (&s)[kS][kL]) const;
+//       // elements [off, off + kVec): element j is of channel c + j % kL (kL = 1: an NCHW plane;
+//       // kL = kVec: channels_last), and adds to s[q][j % kL]
+// and writes sums[((n * splits + split) * C + c) * kSums + q] (splits = 1 in NCHW), each added in a
+// fixed order.
+
+// NCHW: `group` threads per (n, c) plane: 32 (one warp, several planes per block) for small planes,
+// kThreads for large ones.  The sums are scaled by `scale` (1 / HW: the pools' means).
+template <typename Op, int kVec>
+__global__ void __launch_bounds__(kThreads) walk_nchw_kernel(const Op op, typename Op::acc_t* __restrict__ sums,
+                                                              int64_t planes, int64_t C, int64_t HW, int group,
+                                                              typename Op::acc_t scale) {
+  using acc_t = typename Op::acc_t;
+  constexpr int kS = Op::kSums > 0 ? Op::kSums : 1;
   const int64_t p = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
   const int t = threadIdx.x % group;
-  const acc_t inv_hw = acc_t(1) / acc_t(HW);
-  acc_t s = acc_t(0);
+  acc_t s[kS][1];
+#pragma unroll
+  for (int q = 0; q < kS; ++q) s[q][0] = acc_t(0);
   if (p < planes) {
-    const int64_t base = p * HW;
-    const acc_t kn = kGate ? k[p / C] : acc_t(0);
+    const int64_t n = p / C;
+    const auto ch = op.template channel<1>(n, p - n * C);
     // kVec > 1 only when HW % kVec == 0.
-    for (int64_t i = int64_t(t) * kVec; i < HW; i += int64_t(group) * kVec) {
-      const Pack<scalar_t, kVec> xp = load_pack<kVec>(x + base + i);
-      if constexpr (kGate) {
-        const Pack<scalar_t, kVec> up = load_pack<kVec>(u + base + i);
-        Pack<scalar_t, kVec> op;
+    for (int64_t i = int64_t(t) * kVec; i < HW; i += int64_t(group) * kVec)
+      op.template step<kVec, 1>(ch, p * HW + i, s);
+  }
+  if constexpr (Op::kSums > 0) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const acc_t o = gate_value<kResidual>(acc_t(xp.v[j]), acc_t(up.v[j]), kn);
-          op.v[j] = scalar_t(o);
-          s += o;  // the mean of the un-rounded out
-        }
-        store_pack<kVec>(out + base + i, op);
-      } else {
+    for (int q = 0; q < kS; ++q) s[q][0] = warp_sum(s[q][0]);  // every lane takes part (planes >= p: zeros)
+    if (group == kWarp) {
+      if (t == 0 && p < planes) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) s += acc_t(xp.v[j]);
+        for (int q = 0; q < kS; ++q) sums[p * kS + q] = s[q][0] * scale;
+      }
+      return;
+    }
+    __shared__ acc_t scratch[kS][kWarps];
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    if (lane == 0) {
+#pragma unroll
+      for (int q = 0; q < kS; ++q) scratch[q][warp] = s[q][0];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int q = 0; q < kS; ++q) {
+        const acc_t v = warp_sum(lane < kWarps ? scratch[q][lane] : acc_t(0));
+        if (lane == 0 && p < planes) sums[p * kS + q] = v * scale;
       }
     }
   }
-  s = warp_sum(s);  // every lane of every warp takes part (planes >= p are zeros)
-  if (group == kWarp) {
-    if (t == 0 && p < planes) pooled[p] = s * inv_hw;
-    return;
-  }
-  __shared__ acc_t scratch[kWarps];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  if (lane == 0) scratch[warp] = s;
-  __syncthreads();
-  if (warp == 0) {
-    s = warp_sum(lane < kWarps ? scratch[lane] : acc_t(0));
-    if (lane == 0 && p < planes) pooled[p] = s * inv_hw;
-  }
 }
 
-// ---- pooling, channels_last: a (channel tile, row split) of one sample per block -------------
-//
-// Block threads form a tx-by-ty grid: tx threads across a tile of tx * kVec channels (one pack
-// each), ty threads down the rows.  The block walks rows [split * rows, (split + 1) * rows),
-// sums each channel down its rows in shared memory in a fixed order, and writes
-// partial[n, split, c]; sum_splits_kernel then adds the splits.  kGate, kResidual: as for
-// pool_nchw_kernel.
-template <typename scalar_t, int kVec, bool kGate, bool kResidual>
-__global__ void __launch_bounds__(kThreads) pool_nhwc_kernel(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ u,
-    const at::opmath_type<scalar_t>* __restrict__ k, scalar_t* __restrict__ out,
-    at::opmath_type<scalar_t>* __restrict__ partial, int64_t C, int64_t HW, int64_t ctiles,
-    int64_t splits, int64_t rows, int tx) {
-  static_assert(kGate || !kResidual, "kResidual needs kGate");
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t red[kThreads * kVec];
+// channels_last: a (channel tile, row split) of one sample per block.  Block threads form a tx-by-ty
+// grid: tx threads across a tile of tx * kVec channels (one pack each), ty threads down the rows.
+// The block walks rows [split * rows, (split + 1) * rows) and sums each channel down its rows in
+// shared memory in a fixed order; sum_splits_kernel then adds the splits.
+template <typename Op, int kVec>
+__global__ void __launch_bounds__(kThreads) walk_nhwc_kernel(const Op op, typename Op::acc_t* __restrict__ sums,
+                                                              int64_t C, int64_t HW, int64_t ctiles, int64_t splits,
+                                                              int64_t rows, int tx) {
+  using acc_t = typename Op::acc_t;
+  constexpr int kS = Op::kSums > 0 ? Op::kSums : 1;
   const uint32_t block = blockIdx.x;  // grid < 2^31 blocks: 32-bit decomposition
   const int64_t split = block % uint32_t(splits);
   const int64_t ctile = (block / uint32_t(splits)) % uint32_t(ctiles);
@@ -279,47 +280,235 @@ __global__ void __launch_bounds__(kThreads) pool_nhwc_kernel(
   const int ty = kThreads / tx;
   const int lx = threadIdx.x % tx, ly = threadIdx.x / tx;
   const int64_t c = (ctile * tx + lx) * kVec;  // kVec > 1 only when C % kVec == 0
-  acc_t s[kVec];
+  acc_t s[kS][kVec];
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) s[j] = acc_t(0);
+  for (int q = 0; q < kS; ++q)
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) s[q][j] = acc_t(0);
   if (c < C) {
-    const acc_t kn = kGate ? k[n] : acc_t(0);
-    const int64_t r_end = min64(HW, (split + 1) * rows);
-    for (int64_t r = split * rows + ly; r < r_end; r += ty) {
-      const int64_t off = (n * HW + r) * C + c;
-      const Pack<scalar_t, kVec> xp = load_pack<kVec>(x + off);
-      if constexpr (kGate) {
-        const Pack<scalar_t, kVec> up = load_pack<kVec>(u + off);
-        Pack<scalar_t, kVec> op;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const acc_t o = gate_value<kResidual>(acc_t(xp.v[j]), acc_t(up.v[j]), kn);
-          op.v[j] = scalar_t(o);
-          s[j] += o;
-        }
-        store_pack<kVec>(out + off, op);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) s[j] += acc_t(xp.v[j]);
-      }
-    }
+    const auto ch = op.template channel<kVec>(n, c);
+    const int64_t r_end = min64(HW, (split + 1) * rows), r0 = split * rows + ly, row_step = int64_t(ty) * C;
+    // Two rows in flight, the offset stepped: the default unrolling, or a product per row, made ptxas
+    // spill some double instantiations.
+#pragma unroll 2
+    for (int64_t r = r0, off = (n * HW + r0) * C + c; r < r_end; r += ty, off += row_step)
+      op.template step<kVec, kVec>(ch, off, s);
   }
-  const int width = tx * kVec;  // channels in the tile
+  if constexpr (Op::kSums > 0) {
+    __shared__ acc_t red[kThreads * kVec];
+    const int width = tx * kVec;  // channels in the tile
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) red[ly * width + lx * kVec + j] = s[j];
-  __syncthreads();
-  for (int q = threadIdx.x; q < width; q += kThreads) {
-    const int64_t cc = ctile * width + q;
-    if (cc < C) {
-      acc_t t = acc_t(0);
-      for (int y = 0; y < ty; ++y) t += red[y * width + q];
-      partial[(n * splits + split) * C + cc] = t;
+    for (int q = 0; q < kS; ++q) {
+      if (q > 0) __syncthreads();  // the previous sum has been read out of red
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) red[ly * width + lx * kVec + j] = s[q][j];
+      __syncthreads();
+      for (int i = threadIdx.x; i < width; i += kThreads) {
+        const int64_t cc = ctile * width + i;
+        if (cc < C) {
+          acc_t v = acc_t(0);
+          for (int y = 0; y < ty; ++y) v += red[y * width + i];
+          sums[((n * splits + split) * C + cc) * kS + q] = v;
+        }
+      }
     }
   }
 }
 
-// out[n, c] = scale * sum over s of partial[n, s, c], s in order: the second, tiny pass of
-// every split reduction (channels_last pools with S = splits; grad_k with C = 1).
+// ---- the walks' ops ------------------------------------------------------------------------------
+
+// Row r of a (rows, C) per-channel table, for channels c .. c + kL - 1.
+template <int kL, typename T>
+__device__ __forceinline__ void table_row(const T* t, int64_t r, int64_t C, int64_t c, T (&v)[kL]) {
+#pragma unroll
+  for (int l = 0; l < kL; ++l) v[l] = t[r * C + c + l];
+}
+
+// focus: the channel sums of x.
+template <typename scalar_t>
+struct PoolOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 1;
+  const scalar_t* x;
+  template <int kL>
+  struct Channel {};
+  template <int kL>
+  __device__ Channel<kL> channel(int64_t, int64_t) const {
+    return {};
+  }
+  template <int kVec, int kL, int kS>
+  __device__ void step(const Channel<kL>&, int64_t off, acc_t (&s)[kS][kL]) const {
+    const Pack<scalar_t, kVec> xp = load_pack<kVec>(x + off);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) s[0][j % kL] += acc_t(xp.v[j]);
+  }
+};
+
+// gate_pool: out = gate(x, u, k[n]) written and summed (the mean of the un-rounded out).  kResidual:
+// u holds a branch B and the gate weights towards relu(B + x); kNorm (with kResidual): u holds z and
+// B = z * alpha + beta (bn_residual_gate_pool; norm: the (kNormRows, C) table).
+template <typename scalar_t, bool kResidual, bool kNorm>
+struct GateOp {
+  static_assert(kResidual || !kNorm, "kNorm needs kResidual");
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 1;
+  const scalar_t* x;
+  const scalar_t* u;
+  const acc_t* k;
+  const acc_t* norm;
+  scalar_t* out;
+  int64_t C;
+  template <int kL>
+  struct Channel {
+    acc_t k, alpha[kL], beta[kL];
+  };
+  template <int kL>
+  __device__ Channel<kL> channel(int64_t n, int64_t c) const {
+    Channel<kL> ch;
+    ch.k = k[n];
+    if constexpr (kNorm) {
+      table_row(norm, kAlpha, C, c, ch.alpha);
+      table_row(norm, kBeta, C, c, ch.beta);
+    }
+    return ch;
+  }
+  template <int kVec, int kL, int kS>
+  __device__ void step(const Channel<kL>& ch, int64_t off, acc_t (&s)[kS][kL]) const {
+    const Pack<scalar_t, kVec> xp = load_pack<kVec>(x + off);
+    const Pack<scalar_t, kVec> up = load_pack<kVec>(u + off);
+    Pack<scalar_t, kVec> op;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      acc_t uv = acc_t(up.v[j]);
+      if constexpr (kNorm) uv = math::norm_branch(uv, ch.alpha[j % kL], ch.beta[j % kL]);
+      const acc_t o = gate_value<kResidual>(acc_t(xp.v[j]), uv, ch.k);
+      op.v[j] = scalar_t(o);
+      s[0][j % kL] += o;
+    }
+    store_pack<kVec>(out + off, op);
+  }
+};
+
+// bn_residual_gate_pool's batch statistics: the shifted moments of z (shift: K_c per channel).
+template <typename scalar_t>
+struct MomentsOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 2;
+  const scalar_t* z;
+  const acc_t* shift;
+  template <int kL>
+  struct Channel {
+    acc_t shift[kL];
+  };
+  template <int kL>
+  __device__ Channel<kL> channel(int64_t, int64_t c) const {
+    Channel<kL> ch;
+    table_row(shift, 0, 0, c, ch.shift);
+    return ch;
+  }
+  template <int kVec, int kL, int kS>
+  __device__ void step(const Channel<kL>& ch, int64_t off, acc_t (&s)[kS][kL]) const {
+    const Pack<scalar_t, kVec> zp = load_pack<kVec>(z + off);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) math::add_moments(acc_t(zp.v[j]) - ch.shift[j % kL], s[0][j % kL], s[1][j % kL]);
+  }
+};
+
+// bn_residual_gate_pool's backward pass 1: the residual gate's backward with B = z * alpha + beta,
+// grad_pooled / HW folded into grad_out when kFold.  Writes grad_x and grad_B (into gz, for pass 2)
+// and sums grad_B, grad_B * xhat (BatchNorm's channel sums) and g * (U - x) (grad_k's, per channel).
+template <typename scalar_t, bool kFold>
+struct NormGateBackwardOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 3;
+  const scalar_t* g;
+  const acc_t* gp;
+  const scalar_t* x;
+  const scalar_t* z;
+  const acc_t* k;
+  const acc_t* norm;
+  scalar_t* gx;
+  scalar_t* gz;
+  int64_t C;
+  acc_t inv_hw;
+  template <int kL>
+  struct Channel {
+    acc_t k, gp[kL], alpha[kL], beta[kL], invstd[kL], shift[kL];
+  };
+  template <int kL>
+  __device__ Channel<kL> channel(int64_t n, int64_t c) const {
+    Channel<kL> ch;
+    ch.k = k[n];
+    if constexpr (kFold) table_row(gp, n, C, c, ch.gp);  // grad_pooled: (N, C)
+    table_row(norm, kAlpha, C, c, ch.alpha);
+    table_row(norm, kBeta, C, c, ch.beta);
+    table_row(norm, kInvstd, C, c, ch.invstd);
+    table_row(norm, kShift, C, c, ch.shift);
+    return ch;
+  }
+  template <int kVec, int kL, int kS>
+  __device__ void step(const Channel<kL>& ch, int64_t off, acc_t (&s)[kS][kL]) const {
+    const Pack<scalar_t, kVec> gpk = load_pack<kVec>(g + off);
+    const Pack<scalar_t, kVec> xp = load_pack<kVec>(x + off);
+    const Pack<scalar_t, kVec> zp = load_pack<kVec>(z + off);
+    Pack<scalar_t, kVec> gxp, gbp;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const int l = j % kL;
+      acc_t gv = acc_t(gpk.v[j]);
+      if constexpr (kFold) gv = math::fold_pooled_grad(gv, ch.gp[l], inv_hw);
+      const acc_t xv = acc_t(xp.v[j]), zv = acc_t(zp.v[j]);
+      const acc_t bv = math::norm_branch(zv, ch.alpha[l], ch.beta[l]);
+      const acc_t gb = math::residual_grad_branch(gv, ch.k, xv, bv);
+      gxp.v[j] = scalar_t(math::residual_grad_x(gv, ch.k, gb));
+      gbp.v[j] = scalar_t(gb);  // rounded for pass 2, summed unrounded (as the CPU does)
+      math::add_norm_grad_sums(gb, math::norm_xhat(zv, ch.invstd[l], ch.shift[l]), s[0][l], s[1][l]);
+      s[2][l] += math::gate_grad_k_term(gv, xv, math::residual_output(xv, bv));
+    }
+    store_pack<kVec>(gx + off, gxp);
+    store_pack<kVec>(gz + off, gbp);
+  }
+};
+
+// bn_residual_gate_pool's backward pass 2: BatchNorm's input gradient over grad_B in place (gz), from
+// z and the (kGradRows, C) table t.
+template <typename scalar_t>
+struct NormInputGradOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kSums = 0;
+  scalar_t* gz;
+  const scalar_t* z;
+  const acc_t* t;
+  int64_t C;
+  template <int kL>
+  struct Channel {
+    acc_t row[kGradRows][kL];
+  };
+  template <int kL>
+  __device__ Channel<kL> channel(int64_t, int64_t c) const {
+    Channel<kL> ch;
+#pragma unroll
+    for (int r = 0; r < kGradRows; ++r) table_row(t, r, C, c, ch.row[r]);
+    return ch;
+  }
+  template <int kVec, int kL, int kS>
+  __device__ void step(const Channel<kL>& ch, int64_t off, acc_t (&)[kS][kL]) const {
+    const Pack<scalar_t, kVec> gp = load_pack<kVec>(gz + off);
+    const Pack<scalar_t, kVec> zp = load_pack<kVec>(z + off);
+    Pack<scalar_t, kVec> op;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const int l = j % kL;
+      op.v[j] = scalar_t(math::norm_input_grad(acc_t(gp.v[j]), acc_t(zp.v[j]), ch.row[kGradInvstd][l],
+                                               ch.row[kGradShift][l], ch.row[kGradScale][l], ch.row[kGradXhat][l],
+                                               ch.row[kGradConst][l]));
+    }
+    store_pack<kVec>(gz + off, op);
+  }
+};
+
+// out[n, c] = scale * sum over s of partial[n, s, c] (partial: (N, S, C)), s in order: the second,
+// tiny pass of the channels_last pools (S = splits), and the fold of a walk's splits (C = C * kSums).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) sum_splits_kernel(const acc_t* __restrict__ partial,
                                                               acc_t* __restrict__ out, int64_t N,
@@ -331,6 +520,76 @@ __global__ void __launch_bounds__(kThreads) sum_splits_kernel(const acc_t* __res
     acc_t t = acc_t(0);
     for (int64_t s = 0; s < S; ++s) t += p[s * C];
     out[i] = t * scale;
+  }
+}
+
+// One block per line i: out[i * kQ + q] = sum over j < len of data[i * line_stride + j * elem_stride + q]
+// for q < kQ, in double, in a fixed order (threads stride j, then block_sum).  The batch totals of
+// the channel sums (line = channel, j = sample) and grad_k (line = sample, j = channel).
+template <int kQ, typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kThreads) line_sums_kernel(const acc_t* __restrict__ data, int64_t len,
+                                                             int64_t line_stride, int64_t elem_stride,
+                                                             out_t* __restrict__ out) {
+  const acc_t* line = data + int64_t(blockIdx.x) * line_stride;
+  double s[kQ];
+#pragma unroll
+  for (int q = 0; q < kQ; ++q) s[q] = 0;
+  for (int64_t j = threadIdx.x; j < len; j += kThreads) {
+#pragma unroll
+    for (int q = 0; q < kQ; ++q) s[q] += double(line[j * elem_stride + q]);
+  }
+  __shared__ double scratch[kWarps];
+#pragma unroll
+  for (int q = 0; q < kQ; ++q) {
+    const double t = block_sum(s[q], scratch);
+    if (threadIdx.x == 0) out[int64_t(blockIdx.x) * kQ + q] = out_t(t);
+    __syncthreads();  // scratch is read before the next sum writes it
+  }
+}
+
+// ---- bn_residual_gate_pool: per channel ---------------------------------------------------------
+// Thread per channel, from the (C, 2) batch totals (double) of line_sums_kernel.
+
+// mean, var of channel c from the moments of MomentsOp.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) batch_moments_kernel(const double* __restrict__ totals,
+                                                                 const acc_t* __restrict__ shift, int64_t C,
+                                                                 double M, acc_t* __restrict__ mean,
+                                                                 acc_t* __restrict__ var) {
+  for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < C; c += int64_t(gridDim.x) * kThreads)
+    math::batch_moments(double(shift[c]), totals[2 * c], totals[2 * c + 1], M, mean[c], var[c]);
+}
+
+// The (kNormRows, C) table t from the statistics and the affine parameters (acc dtype).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) norm_table_kernel(const acc_t* __restrict__ mean,
+                                                              const acc_t* __restrict__ var,
+                                                              const acc_t* __restrict__ weight,
+                                                              const acc_t* __restrict__ bias, double eps, int64_t C,
+                                                              acc_t* __restrict__ t) {
+  for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < C; c += int64_t(gridDim.x) * kThreads)
+    math::norm_coefficients(mean[c], var[c], weight[c], bias[c], eps, t[kAlpha * C + c], t[kBeta * C + c],
+                            t[kInvstd * C + c], t[kShift * C + c]);
+}
+
+// From the batch totals of NormGateBackwardOp's first two sums (grad_B, grad_B * xhat): grad_bias,
+// grad_weight and the (kGradRows, C) table gt of NormInputGradOp.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) norm_grad_table_kernel(const double* __restrict__ totals,
+                                                                   const acc_t* __restrict__ norm, int64_t C,
+                                                                   double M, bool training,
+                                                                   acc_t* __restrict__ grad_w,
+                                                                   acc_t* __restrict__ grad_b,
+                                                                   acc_t* __restrict__ gt) {
+  for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < C; c += int64_t(gridDim.x) * kThreads) {
+    const double sum_g = totals[2 * c], sum_gx = totals[2 * c + 1];
+    grad_b[c] = acc_t(sum_g);
+    grad_w[c] = acc_t(sum_gx);
+    const acc_t scale = norm[kAlpha * C + c];  // weight * invstd
+    gt[kGradInvstd * C + c] = norm[kInvstd * C + c];
+    gt[kGradShift * C + c] = norm[kShift * C + c];
+    gt[kGradScale * C + c] = scale;
+    math::norm_grad_coefficients(scale, sum_g, sum_gx, M, training, gt[kGradXhat * C + c], gt[kGradConst * C + c]);
   }
 }
 
@@ -441,58 +700,84 @@ inline unsigned stride_grid(int64_t work, int64_t per_thread) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads * per_thread), 1 << 16)));
 }
 
-// pooled[n, c] (acc dtype) = mean over H, W of x, or of gate(x, u, k) written to out when kGate
-// (with `residual`, u is a branch B and the gate weights towards relu(B + x)).
-template <bool kGate>
-void run_pool(const Tensor& x, const Tensor& u, const Tensor& k, const Tensor& out, const Tensor& pooled,
-              at::MemoryFormat fmt, bool residual = false) {
-  const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
+// Runs a walk of op (see walk_nchw_kernel) over an (N, C, H, W) tensor in layout fmt whose pointers
+// are all 16-byte aligned when `aligned`.  Returns its sums (N * splits, C, kSums) (undefined when
+// Op::kSums = 0) and the splits of each sample (1 in NCHW); NCHW sums are scaled by `scale`.
+template <typename scalar_t, typename Op>
+std::tuple<Tensor, int64_t> walk(const Op& op, bool aligned, at::MemoryFormat fmt, int64_t N, int64_t C, int64_t HW,
+                                 const at::TensorOptions& acc_opts, typename Op::acc_t scale = 1) {
+  using acc_t = typename Op::acc_t;
+  constexpr int64_t kS = Op::kSums;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_pool_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* up = kGate ? u.const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* kp = kGate ? k.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* op = kGate ? out.mutable_data_ptr<scalar_t>() : nullptr;
-    acc_t* pp = pooled.mutable_data_ptr<acc_t>();
-    const bool ptrs_ok = aligned16(xp) && (!kGate || (aligned16(up) && aligned16(op)));
-    const auto run = [&](auto residual_tag) {
-      constexpr bool kResidual = decltype(residual_tag)::value;
-      if (fmt == at::MemoryFormat::ChannelsLast) {
-        with_pack_width<scalar_t>(ptrs_ok && C % pack_width<scalar_t>() == 0, [&](auto vec) {
-          constexpr int kVec = decltype(vec)::value;
-          int tx = 1;  // threads across channels: enough for C, at most a warp
-          while (tx < kWarp && tx * kVec < C) tx *= 2;
-          const int64_t rows = (kThreads / tx) * kRowsPerThread;
-          const int64_t ctiles = ceil_div(C, int64_t(tx) * kVec), splits = ceil_div(HW, rows);
-          Tensor partial = at::empty({N, splits, C}, pooled.options());
-          pool_nhwc_kernel<scalar_t, kVec, kGate, kResidual>
-              <<<grid_for(N * ctiles * splits), kThreads, 0, stream>>>(
-                  xp, up, kp, op, partial.mutable_data_ptr<acc_t>(), C, HW, ctiles, splits, rows, tx);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          sum_splits_kernel<acc_t><<<stride_grid(N * C, 1), kThreads, 0, stream>>>(
-              partial.const_data_ptr<acc_t>(), pp, N, splits, C, acc_t(1) / acc_t(HW));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      } else {
-        with_pack_width<scalar_t>(ptrs_ok && HW % pack_width<scalar_t>() == 0, [&](auto vec) {
-          constexpr int kVec = decltype(vec)::value;
-          // A warp per plane while a plane is at most a few packs per lane, else a block.
-          const int group = HW <= int64_t(kWarp) * kVec * 4 ? kWarp : kThreads;
-          const int64_t planes = N * C;
-          pool_nchw_kernel<scalar_t, kVec, kGate, kResidual>
-              <<<grid_for(ceil_div(planes, kThreads / group)), kThreads, 0, stream>>>(xp, up, kp, op, pp, planes, C,
-                                                                                     HW, group);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      }
-    };
-    // The residual kernels exist with kGate only (focus pools x alone).
-    if constexpr (kGate)
-      with_flag(residual, run);
-    else
-      run(std::false_type{});
-  });
+  Tensor sums;
+  int64_t splits = 1;
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    with_pack_width<scalar_t>(aligned && C % pack_width<scalar_t>() == 0, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      int tx = 1;  // threads across channels: enough for C, at most a warp
+      while (tx < kWarp && tx * kVec < C) tx *= 2;
+      const int64_t rows = (kThreads / tx) * kRowsPerThread;
+      const int64_t ctiles = ceil_div(C, int64_t(tx) * kVec);
+      splits = ceil_div(HW, rows);
+      if (kS > 0) sums = at::empty({N * splits, C, kS}, acc_opts);
+      walk_nhwc_kernel<Op, kVec><<<grid_for(N * ctiles * splits), kThreads, 0, stream>>>(
+          op, kS > 0 ? sums.mutable_data_ptr<acc_t>() : nullptr, C, HW, ctiles, splits, rows, tx);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    with_pack_width<scalar_t>(aligned && HW % pack_width<scalar_t>() == 0, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      // A warp per plane while a plane is at most a few packs per lane, else a block.
+      const int group = HW <= int64_t(kWarp) * kVec * 4 ? kWarp : kThreads;
+      const int64_t planes = N * C;
+      if (kS > 0) sums = at::empty({N, C, kS}, acc_opts);
+      walk_nchw_kernel<Op, kVec><<<grid_for(ceil_div(planes, kThreads / group)), kThreads, 0, stream>>>(
+          op, kS > 0 ? sums.mutable_data_ptr<acc_t>() : nullptr, planes, C, HW, group, scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {sums, splits};
+}
+
+// pooled (N, C), acc dtype: the means over H, W of what a pooling op (kSums = 1) sums.
+template <typename scalar_t, typename Op>
+Tensor channel_means(const Op& op, bool aligned, at::MemoryFormat fmt, int64_t N, int64_t C, int64_t HW,
+                     const at::TensorOptions& acc_opts) {
+  using acc_t = typename Op::acc_t;
+  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  if (fmt != at::MemoryFormat::ChannelsLast)
+    return std::get<0>(walk<scalar_t>(op, aligned, fmt, N, C, HW, acc_opts, inv_hw)).view({N, C});
+  Tensor partial;
+  int64_t splits;
+  std::tie(partial, splits) = walk<scalar_t>(op, aligned, fmt, N, C, HW, acc_opts);
+  Tensor pooled = at::empty({N, C}, acc_opts);
+  sum_splits_kernel<acc_t><<<stride_grid(N * C, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      partial.const_data_ptr<acc_t>(), pooled.mutable_data_ptr<acc_t>(), N, splits, C, inv_hw);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return pooled;
+}
+
+// A walk's sums (N * splits, C, K) as (N, C, K): the splits of each sample added in order.
+template <typename acc_t>
+Tensor fold_splits(const Tensor& sums, int64_t N, int64_t splits) {
+  if (splits == 1) return sums;
+  const int64_t CK = sums.size(1) * sums.size(2);
+  Tensor folded = at::empty({N, sums.size(1), sums.size(2)}, sums.options());
+  sum_splits_kernel<acc_t><<<stride_grid(N * CK, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      sums.const_data_ptr<acc_t>(), folded.mutable_data_ptr<acc_t>(), N, splits, CK, acc_t(1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return folded;
+}
+
+// (C, 2) double: the batch totals of the first two sums of folded (N, C, K).
+template <typename acc_t>
+Tensor channel_totals(const Tensor& folded) {
+  const int64_t N = folded.size(0), C = folded.size(1), K = folded.size(2);
+  Tensor totals = at::empty({C, 2}, folded.options().dtype(at::kDouble));
+  line_sums_kernel<2><<<grid_for(C), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      folded.const_data_ptr<acc_t>(), N, K, C * K, totals.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return totals;
 }
 
 // ---- the ops ------------------------------------------------------------------------------
@@ -520,20 +805,44 @@ Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) {
   return out;
 }
 
-// gate_pool and residual_gate_pool (in.residual) on checked inputs.
-std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in) {
+// gate_pool and residual_gate_pool (in.residual; with a BatchNorm table `norm`, bn_residual_gate_pool)
+// on checked inputs.
+std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in, const Tensor& norm = Tensor()) {
   const Tensor& x = in.x;
+  const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
   const at::cuda::CUDAGuard guard(x.device());
+  const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   Tensor out = at::empty(x.sizes(), x.options().memory_format(in.fmt));
-  Tensor pooled = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
-  if (x.numel() > 0) run_pool<true>(in.x, in.u, in.k, out, pooled, in.fmt, in.residual);
+  if (x.numel() == 0) return {out, at::empty({N, C}, x.options())};
+  Tensor pooled;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_gate_pool_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *up = in.u.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const bool aligned = aligned16(xp) && aligned16(up) && aligned16(op);
+    with_flag(in.residual, [&](auto residual_tag) {
+      with_flag(norm.defined(), [&](auto norm_tag) {
+        constexpr bool kResidual = decltype(residual_tag)::value;
+        constexpr bool kNorm = decltype(norm_tag)::value && kResidual;
+        const GateOp<scalar_t, kResidual, kNorm> gate_op{xp, up, in.k.const_data_ptr<acc_t>(),
+                                                         kNorm ? norm.const_data_ptr<acc_t>() : nullptr, op, C};
+        pooled = channel_means<scalar_t>(gate_op, aligned, in.fmt, N, C, HW, acc_opts);
+      });
+    });
+  });
   return {out, pooled.to(x.scalar_type())};
 }
 
 // Channel means of x in the accumulation dtype: one read of x.
 Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) {
-  Tensor pooled = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
-  if (x.numel() > 0) run_pool<false>(x, Tensor(), Tensor(), Tensor(), pooled, fmt);
+  const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
+  const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  if (x.numel() == 0) return at::empty({N, C}, acc_opts);
+  Tensor pooled;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_pool_cuda", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    pooled = channel_means<scalar_t>(PoolOp<scalar_t>{xp}, aligned16(xp), fmt, N, C, HW, acc_opts);
+  });
   return pooled;
 }
 
@@ -621,6 +930,86 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
   return {gx, gu, gk.to(k.scalar_type())};
 }
 
+// ---- bn_residual_gate_pool ----------------------------------------------------------------------
+
+// Fills mean and var (C,) with z's batch statistics from its moments about shift (one read of z).
+void batch_stats(const Tensor& z, const Tensor& shift, at::MemoryFormat fmt, const Tensor& mean, const Tensor& var) {
+  const int64_t N = z.size(0), C = z.size(1), HW = plane(z);
+  const auto acc_opts = mean.options();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fanet_batch_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const acc_t* kp = shift.const_data_ptr<acc_t>();
+    const auto [sums, splits] = walk<scalar_t>(MomentsOp<scalar_t>{zp, kp}, aligned16(zp), fmt, N, C, HW, acc_opts);
+    const Tensor totals = channel_totals<acc_t>(fold_splits<acc_t>(sums, N, splits));
+    batch_moments_kernel<acc_t><<<stride_grid(C, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        totals.const_data_ptr<double>(), kp, C, double(N * HW), mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Fills the (kNormRows, C) table t from the statistics and the affine parameters (all acc dtype).
+void norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
+                const Tensor& t) {
+  const int64_t C = mean.size(0);
+  if (C == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fanet_norm_table_cuda", [&] {
+    norm_table_kernel<scalar_t><<<stride_grid(C, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+        bias.const_data_ptr<scalar_t>(), eps, C, t.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Pass 1 (NormGateBackwardOp): the residual gate's backward with B formed from z, taking BatchNorm's
+// channel sums and grad_k's; pass 2 (NormInputGradOp): BatchNorm's input gradient over grad_B in place.
+// 8 * S bytes, as on the CPU.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_gate_backward(const GateBackwardInputs& b, const Tensor& k,
+                                                                    const Tensor& norm, bool training) {
+  const auto& in = b.in;
+  const Tensor& x = in.x;
+  const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
+  const at::cuda::CUDAGuard guard(x.device());
+  const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  Tensor gx = at::empty(x.sizes(), x.options().memory_format(in.fmt));
+  Tensor gz = at::empty(x.sizes(), x.options().memory_format(in.fmt));
+  if (x.numel() == 0)
+    return {gx, gz, at::zeros({N}, k.options()), at::zeros({C}, acc_opts), at::zeros({C}, acc_opts)};
+  Tensor gk = at::empty({N}, acc_opts), grad_w = at::empty({C}, acc_opts), grad_b = at::empty({C}, acc_opts);
+  Tensor gt = at::empty({kGradRows, C}, acc_opts);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_bn_gate_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *gptr = b.g.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
+                   *zp = in.u.const_data_ptr<scalar_t>();
+    scalar_t *gxp = gx.mutable_data_ptr<scalar_t>(), *gzp = gz.mutable_data_ptr<scalar_t>();
+    const bool aligned = aligned16(gptr) && aligned16(xp) && aligned16(zp) && aligned16(gxp) && aligned16(gzp);
+    Tensor sums;
+    int64_t splits = 1;
+    with_flag(b.gp.defined(), [&](auto fold_tag) {
+      constexpr bool kFold = decltype(fold_tag)::value;
+      const NormGateBackwardOp<scalar_t, kFold> pass1{gptr, kFold ? b.gp.const_data_ptr<acc_t>() : nullptr, xp, zp,
+                                                      in.k.const_data_ptr<acc_t>(), norm.const_data_ptr<acc_t>(),
+                                                      gxp, gzp, C, acc_t(1) / acc_t(HW)};
+      std::tie(sums, splits) = walk<scalar_t>(pass1, aligned, in.fmt, N, C, HW, acc_opts);
+    });
+    const Tensor folded = fold_splits<acc_t>(sums, N, splits);  // (N, C, 3)
+    const Tensor totals = channel_totals<acc_t>(folded);
+    norm_grad_table_kernel<acc_t><<<stride_grid(C, 1), kThreads, 0, stream>>>(
+        totals.const_data_ptr<double>(), norm.const_data_ptr<acc_t>(), C, double(N * HW), training,
+        grad_w.mutable_data_ptr<acc_t>(), grad_b.mutable_data_ptr<acc_t>(), gt.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // grad_k[n]: sample n's per-channel sums of g * (U - x) (the third of each triple), in order.
+    line_sums_kernel<1><<<grid_for(N), kThreads, 0, stream>>>(folded.const_data_ptr<acc_t>() + 2, C, C * 3, 3,
+                                                               gk.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    walk<scalar_t>(NormInputGradOp<scalar_t>{gzp, zp, gt.const_data_ptr<acc_t>(), C}, aligned16(gzp) && aligned16(zp),
+                   in.fmt, N, C, HW, acc_opts);
+  });
+  return {gx, gz, gk.to(k.scalar_type()), grad_w, grad_b};
+}
+
 // gx[n, c, h, w] = grad_l[n, c] / HW in layout fmt (focus backward).
 void broadcast_pool_grad(const Tensor& grad_l, const Tensor& gx, at::MemoryFormat fmt) {
   const int64_t C = gx.size(1), HW = plane(gx), total = gx.numel();
@@ -645,7 +1034,9 @@ void broadcast_pool_grad(const Tensor& grad_l, const Tensor& gx, at::MemoryForma
 struct Device {
   static at::cuda::CUDAGuard guard(const Tensor& x) { return at::cuda::CUDAGuard(x.device()); }
   static Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return cuda::gate(x, u, k); }
-  static std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in) { return cuda::gate_pool(in); }
+  static std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in, const Tensor& norm = Tensor()) {
+    return cuda::gate_pool(in, norm);
+  }
   static Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) { return cuda::pool_acc(x, fmt); }
   static void mlp(const Tensor& l, const FocusWeights& w, const Tensor& hidden, const Tensor& k,
                   const Tensor& grad_k, const Tensor& grad_z, const Tensor& grad_h, const Tensor& grad_l) {
@@ -659,6 +1050,19 @@ struct Device {
   }
   static std::tuple<Tensor, Tensor, Tensor> gate_backward(const GateBackwardInputs& b, const Tensor& k) {
     return gate_backward_impl(b, k);
+  }
+  static void batch_stats(const Tensor& z, const Tensor& shift, at::MemoryFormat fmt, const Tensor& mean,
+                          const Tensor& var) {
+    cuda::batch_stats(z, shift, fmt, mean, var);
+  }
+  static void norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
+                         const Tensor& t) {
+    cuda::norm_table(mean, var, weight, bias, eps, t);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_gate_backward(const GateBackwardInputs& b,
+                                                                             const Tensor& k, const Tensor& norm,
+                                                                             bool training) {
+    return cuda::bn_gate_backward(b, k, norm, training);
   }
 };
 
