@@ -420,19 +420,22 @@ for dt, cl, int64 in [("fp32", False, False), ("fp64", True, True), ("bf16", Tru
                                  **{k: i[k] for k in ("N", "C", "HW", "hw_per", "divisor")}},
                  {"GATE": gate, "RESIDUAL": residual, "CHANNELS_LAST": cl, "INT64": int64, "BLOCK_C": 64 if cl else 4,
                   "BLOCK_HW": 32 if cl else 512, "ACC": acc, "NORM": norm})
-    for (has_g, fold), (residual, norm) in itertools.product([(True, True), (False, True), (True, False)],
-                                                             [(False, False), (True, False), (True, True)]):
+    for (has_g, fold), residual in itertools.product([(True, True), (False, True), (True, False)], (False, True)):
         compile_(G._gate_bwd_kernel, {"g_ptr": x, "gp_ptr": a, "x_ptr": x, "u_ptr": x, "k_ptr": a, "gx_ptr": x,
-                                      "gu_ptr": a if norm else x, "partial_ptr": a, "norm_ptr": a,
+                                      "gu_ptr": x, "partial_ptr": a,
                                       **{k: i[k] for k in ("M", "C", "HW", "P", "iters")}},
                  {"HAS_G": has_g, "FOLD": fold, "RESIDUAL": residual, "CHANNELS_LAST": cl, "INT64": int64,
-                  "BLOCK": 1024, "ACC": acc, "NORM": norm})
-    for same in (True, False):
-        compile_(B._pair_sums_kernel, {"a_ptr": x if same else a, "b_ptr": x, "coef_ptr": a, "sums_ptr": a,
-                                       **{k: i[k] for k in ("N", "C", "HW", "hw_per")}},
-                 {"SAME": same, "CHANNELS_LAST": cl, "INT64": int64, "BLOCK_C": 64 if cl else 4,
+                  "BLOCK": 1024, "ACC": acc})
+        compile_(B._norm_gate_bwd_kernel, {"g_ptr": x, "gp_ptr": a, "x_ptr": x, "z_ptr": x, "k_ptr": a, "norm_ptr": a,
+                                           "gx_ptr": x, "gb_ptr": x, "sums_ptr": a,
+                                           **{k: i[k] for k in ("N", "C", "HW", "hw_per")}},
+                 {"HAS_G": has_g, "FOLD": fold, "CHANNELS_LAST": cl, "INT64": int64, "BLOCK_C": 64 if cl else 4,
                   "BLOCK_HW": 32 if cl else 512, "ACC": acc})
-    compile_(B._norm_grad_kernel, {"gb_ptr": a, "z_ptr": x, "t_ptr": a, "gz_ptr": x, "numel": "i32", "C": "i32",
+    compile_(B._moments_kernel, {"z_ptr": x, "shift_ptr": a, "sums_ptr": a,
+                                 **{k: i[k] for k in ("N", "C", "HW", "hw_per")}},
+             {"CHANNELS_LAST": cl, "INT64": int64, "BLOCK_C": 64 if cl else 4, "BLOCK_HW": 32 if cl else 512,
+              "ACC": acc})
+    compile_(B._norm_grad_kernel, {"gb_ptr": x, "z_ptr": x, "t_ptr": a, "gz_ptr": x, "numel": "i32", "C": "i32",
                                    "HW": "i32"}, {"CHANNELS_LAST": cl, "INT64": int64, "BLOCK": 1024, "ACC": acc})
     compile_(Fo._focus_fused_kernel, {"x_ptr": x, "l_ptr": a, "w1_ptr": a, "b1_ptr": a, "w2_ptr": a, "b2_ptr": a,
                                       "k_ptr": x, "C": "i32", "HW": "i32", "H1": "i32"},

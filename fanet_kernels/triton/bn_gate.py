@@ -1,15 +1,14 @@
 """Triton kernels for ``bn_residual_gate_pool`` and its backward op (SPEC §4): residual_gate_pool
 with the branch's last BatchNorm folded in, mirroring the C++ CPU op (csrc/cpu/fa_cpu.cpp).
 
-Forward: z's batch statistics (training) by shifted per-(n, c) sums, K_c = z[0, c, H//2, W//2],
-reduced over the batch in float64 (``_pair_sums_kernel``); then the residual gate with
+Forward: z's batch statistics (training) by shifted per-(n, c) sums, K_c = z[0, c, H//2, W//2]
+(``_moments_kernel``), reduced over the batch in float64; then the residual gate with
 B = z * alpha + beta formed in the kernel: the NORM flag of gate.pool_kernel.
-Backward: pass 1 is the residual gate's backward with B formed from z (the NORM flag of
-gate._gate_bwd_kernel), writing grad_B in the accumulation dtype; the channel sums of grad_B
-and grad_B * xhat take one more read of grad_B and z (``_pair_sums_kernel`` again: a flat
-Triton sweep cannot reduce per channel without atomics, which would not be deterministic);
-pass 2 (``_norm_grad_kernel``) forms grad_z.  Per-channel tables are built with plain PyTorch
-(C values).
+Backward, 8 * S bytes as on the CPU: pass 1 (``_norm_gate_bwd_kernel``, tiled per channel block
+as the pool kernel, so it sums per channel without atomics) is the residual gate's backward with
+B formed from z, writing grad_x and grad_B and summing grad_B, grad_B * xhat and grad_k's terms;
+pass 2 (``_norm_grad_kernel``) turns grad_B into grad_z in place.  Per-channel tables are built
+with plain PyTorch (C values).
 """
 from __future__ import annotations
 
@@ -20,8 +19,9 @@ import triton
 import triton.language as tl
 
 from .. import _validate
-from .gate import (_gate_backward_impl, _gate_pool_impl, acc_tl, check_device, in_kernel_format, launch,
-                   maybe_autotune, need_int64, pool_config, sizes, tile_offsets, unit_channels, warps_for)
+from .gate import (_check_backward, _gate_pool_impl, acc_tl, check_device, in_kernel_format, launch,
+                   maybe_autotune, need_int64, pool_config, residual_output, sizes, tile_offsets, unit_channels,
+                   warps_for)
 
 # Rows of the forward table (csrc/cpu NormRow): B = z * alpha + beta, xhat = z * invstd + shift.
 ALPHA, BETA, INVSTD, SHIFT = range(4)
@@ -29,34 +29,24 @@ ALPHA, BETA, INVSTD, SHIFT = range(4)
 
 @maybe_autotune(key=["C", "HW"])
 @triton.jit
-def _pair_sums_kernel(a_ptr, b_ptr, coef_ptr, sums_ptr, N, C, HW, hw_per,
-                      SAME: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+def _moments_kernel(z_ptr, shift_ptr, sums_ptr, N, C, HW, hw_per,
+                    CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
     """Program (n * channel blocks + block, split), tiled as gate.pool_kernel: per channel c over
-    the split's positions, with d = a + coef[0, c] and e = b * coef[1, c] + coef[2, c], sum(d) into
-    sums[split, n, 0, c] and sum(d * e) into sums[split, n, 1, c].  SAME: b is a (not loaded twice).
-    Batch statistics: a = b = z, coef = (-K, 1, -K); backward: a = grad_B, b = z, coef = (0, invstd,
-    shift), i.e. the sums of grad_B and grad_B * xhat."""
+    the split's positions, with d = z - shift[c], sum(d) into sums[split, n, 0, c] and sum(d * d)
+    into sums[split, n, 1, c]."""
     n, c, c_mask = unit_channels(C, BLOCK_C, INT64)
     split = tl.program_id(1)
-    c0 = tl.load(coef_ptr + c, mask=c_mask, other=0)[:, None]
-    c1 = tl.load(coef_ptr + C + c, mask=c_mask, other=0)[:, None]
-    c2 = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0)[:, None]
+    k = tl.load(shift_ptr + c, mask=c_mask, other=0)[:, None]
     hw_lo = split * hw_per
     hw_hi = tl.minimum(hw_lo + hw_per, HW)
-    base = n * C * HW
     s0 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
     s1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
-        offs, mask = tile_offsets(base, c, c_mask, C, HW, hw0, hw_hi, CHANNELS_LAST, BLOCK_HW)
-        av = tl.load(a_ptr + offs, mask=mask, other=0).to(ACC)
-        if SAME:
-            bv = av
-        else:
-            bv = tl.load(b_ptr + offs, mask=mask, other=0).to(ACC)
-        d = tl.where(mask, av + c0, 0)
+        offs, mask = tile_offsets(n * C * HW, c, c_mask, C, HW, hw0, hw_hi, CHANNELS_LAST, BLOCK_HW)
+        d = tl.where(mask, tl.load(z_ptr + offs, mask=mask, other=0).to(ACC) - k, 0)
         s0 += d
-        s1 += d * (bv * c1 + c2)
+        s1 += d * d
     out = sums_ptr + ((split * N + n) * 2) * C + c
     tl.store(out, tl.sum(s0, axis=1), mask=c_mask)
     tl.store(out + C, tl.sum(s1, axis=1), mask=c_mask)
@@ -64,10 +54,58 @@ def _pair_sums_kernel(a_ptr, b_ptr, coef_ptr, sums_ptr, N, C, HW, hw_per,
 
 @maybe_autotune(key=["C", "HW"])
 @triton.jit
+def _norm_gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, z_ptr, k_ptr, norm_ptr, gx_ptr, gb_ptr, sums_ptr, N, C, HW, hw_per,
+                          HAS_G: tl.constexpr, FOLD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                          INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+    """Pass 1, program (n * channel blocks + block, split) tiled as gate.pool_kernel: the residual
+    gate's backward with b = z * alpha[c] + beta[c] (the forward table at norm_ptr) and g = grad_out
+    (+ grad_pooled[n, c] / HW, pre-divided, if FOLD): writes grad_x and grad_b (in the outputs' dtype:
+    pass 2 turns it into grad_z in place), and per channel over the split's positions sums grad_b,
+    grad_b * xhat (xhat = z * invstd + shift) and g * (u - x) into sums[split, n, 0..2, c]."""
+    n, c, c_mask = unit_channels(C, BLOCK_C, INT64)
+    split = tl.program_id(1)
+    kn = tl.load(k_ptr + n)
+    alpha = tl.load(norm_ptr + c, mask=c_mask, other=0)[:, None]
+    beta = tl.load(norm_ptr + C + c, mask=c_mask, other=0)[:, None]
+    invstd = tl.load(norm_ptr + 2 * C + c, mask=c_mask, other=0)[:, None]
+    shift = tl.load(norm_ptr + 3 * C + c, mask=c_mask, other=0)[:, None]
+    gp = tl.zeros([BLOCK_C, 1], dtype=ACC)
+    if FOLD:
+        gp = tl.load(gp_ptr + n * C + c, mask=c_mask, other=0)[:, None]
+    hw_lo = split * hw_per
+    hw_hi = tl.minimum(hw_lo + hw_per, HW)
+    s_g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    s_gx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    s_k = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
+        offs, mask = tile_offsets(n * C * HW, c, c_mask, C, HW, hw0, hw_hi, CHANNELS_LAST, BLOCK_HW)
+        xv = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
+        zv = tl.load(z_ptr + offs, mask=mask, other=0).to(ACC)
+        g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+        if HAS_G:
+            g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
+        g = tl.where(mask, g + gp, 0)  # masked lanes add nothing below
+        uv, off = residual_output(xv, zv * alpha + beta)
+        gk = g * kn
+        gb = tl.where(off, 0, gk)
+        tl.store(gx_ptr + offs, ((g - gk) + gb).to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=mask)
+        s_g += gb
+        s_gx += gb * (zv * invstd + shift)
+        s_k += g * (uv - xv)
+    out = sums_ptr + ((split * N + n) * 3) * C + c
+    tl.store(out, tl.sum(s_g, axis=1), mask=c_mask)
+    tl.store(out + C, tl.sum(s_gx, axis=1), mask=c_mask)
+    tl.store(out + 2 * C, tl.sum(s_k, axis=1), mask=c_mask)
+
+
+@maybe_autotune(key=["C", "HW"])
+@triton.jit
 def _norm_grad_kernel(gb_ptr, z_ptr, t_ptr, gz_ptr, numel, C, HW,
                       CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Pass 2, flat over all elements: grad_z = grad_B * scale + xhat * xhat_coef + constant with
-    xhat = z * invstd + shift; t: the (5, C) table (invstd, shift, scale, xhat_coef, constant)."""
+    xhat = z * invstd + shift; t: the (5, C) table (invstd, shift, scale, xhat_coef, constant).
+    gz_ptr may be gb_ptr (in place: each element is read, then written, by one program)."""
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -86,22 +124,18 @@ def _norm_grad_kernel(gb_ptr, z_ptr, t_ptr, gz_ptr, numel, C, HW,
 
 
 # ---- launch code -----------------------------------------------------------------------------
-def _pair_sums(a: torch.Tensor, b: Optional[torch.Tensor], coef: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """(2, C) float64: the per-channel sums of _pair_sums_kernel, per (n, c) in the acc dtype, then
-    over splits and the batch in float64 (a fixed order: deterministic).  b None: b is a."""
-    n, c, h, w = a.shape
-    hw = h * w
-    acc = coef.dtype
-    if n * c * hw == 0:
-        return torch.zeros((2, c), dtype=torch.float64, device=a.device)
+def _channel_sums(kernel, rows: int, grid_args: tuple, x: torch.Tensor, fmt: torch.memory_format,
+                  **meta) -> torch.Tensor:
+    """Launches a channel-block kernel (_moments_kernel, _norm_gate_bwd_kernel) over x's shape with
+    gate.pool_config's tiles; returns its sums (split, N, rows, C) in the acc dtype."""
+    n, c, h, w = x.shape
     cl = fmt == torch.channels_last
-    cfg = pool_config(n, c, hw, cl)
-    sums = torch.empty((cfg.split, n, 2, c), dtype=acc, device=a.device)
-    grid = (n * triton.cdiv(c, cfg.block_c), cfg.split)
-    launch(_pair_sums_kernel, grid, a, a if b is None else b, coef, sums, n, c, hw, cfg.hw_per,
-           SAME=b is None, CHANNELS_LAST=cl, INT64=need_int64(a.numel()), BLOCK_C=cfg.block_c,
-           BLOCK_HW=cfg.block_hw, ACC=acc_tl(a.dtype), num_warps=cfg.num_warps)
-    return sums.double().sum((0, 1))
+    cfg = pool_config(n, c, h * w, cl)
+    sums = torch.empty((cfg.split, n, rows, c), dtype=_validate.acc_dtype(x.dtype), device=x.device)
+    launch(kernel, (n * triton.cdiv(c, cfg.block_c), cfg.split), *grid_args, sums, n, c, h * w, cfg.hw_per, **meta,
+           CHANNELS_LAST=cl, INT64=need_int64(x.numel()), BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw,
+           ACC=acc_tl(x.dtype), num_warps=cfg.num_warps)
+    return sums
 
 
 def _batch_stats(z: torch.Tensor, fmt: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,9 +145,9 @@ def _batch_stats(z: torch.Tensor, fmt: torch.memory_format) -> tuple[torch.Tenso
     if z.numel() == 0:
         return (torch.zeros((c,), dtype=acc, device=z.device), torch.zeros((c,), dtype=acc, device=z.device))
     # K_c = z[0, c, H//2, W//2]: a value of the channel, so sums of z - K_c stay near the spread.
-    shift = z[0, :, h // 2, w // 2].to(acc)
-    coef = torch.stack([-shift, torch.ones_like(shift), -shift]).contiguous()
-    s1, s2 = _pair_sums(z, None, coef, fmt)
+    shift = z[0, :, h // 2, w // 2].to(acc).contiguous()
+    # per (n, c) in the acc dtype, then over splits and the batch in float64 (a fixed order)
+    s1, s2 = _channel_sums(_moments_kernel, 2, (z, shift), z, fmt).double().sum((0, 1))
     m = s1 / (n * h * w)
     mean = (shift.double() + m).to(acc)
     var = (s2 / (n * h * w) - m * m).clamp(min=0).to(acc)
@@ -145,30 +179,38 @@ def _forward_impl(x, z, k, weight, bias, running_mean, running_var, training: bo
 
 def _backward_impl(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, training: bool, eps: float):
     _validate.check_bn_gate(x, z, k, weight, bias, mean, var, False, names=("mean", "var"))
-    acc = _validate.acc_dtype(x.dtype)
-    m, v = mean.to(acc), var.to(acc)
-    norm = _norm_table(m, v, weight, bias, eps)
+    _check_backward(grad_out, grad_pooled, x, z, k, "z")
+    check_device(x)
     fmt = _validate.out_memory_format(x)
-    zf = in_kernel_format(z, fmt)  # once, for the three passes
-    # Pass 1: grad_x, grad_B (acc dtype, kernel layout), grad_k; checks grad_out and grad_pooled.
-    gx, gb, gk = _gate_backward_impl(grad_out, grad_pooled, x, zf, k, residual=True, norm=norm, u_name="z")
+    x, zf = in_kernel_format(x, fmt), in_kernel_format(z, fmt)
+    acc = _validate.acc_dtype(x.dtype)
+    ka = k.to(acc).contiguous()
+    norm = _norm_table(mean.to(acc), var.to(acc), weight, bias, eps)
     n, c, h, w = x.shape
     count = n * h * w
-    invstd, shift = norm[INVSTD], norm[SHIFT]
-    sum_g, sum_gx = _pair_sums(gb, zf, torch.stack([torch.zeros_like(invstd), invstd, shift]).contiguous(), fmt)
-    scale = norm[ALPHA]  # weight * invstd
+    gx, gz = _validate.empty_out(x), _validate.empty_out(x)
+    if x.numel() == 0:
+        return (gx, gz, torch.zeros_like(k), torch.zeros_like(weight), torch.zeros_like(bias))
+    # Pass 1: grad_x, grad_B (into gz), and per (split, n, c) the sums of grad_B, grad_B * xhat, grad_k's terms.
+    g = in_kernel_format(grad_out.to(x.dtype), fmt) if grad_out is not None else x
+    # d pooled / d out = 1 / HW, divided here as autograd of mean does.
+    gp = (grad_pooled.to(acc) / (h * w)).contiguous() if grad_pooled is not None else ka
+    sums = _channel_sums(_norm_gate_bwd_kernel, 3, (g, gp, x, zf, ka, norm, gx, gz), x, fmt,
+                         HAS_G=grad_out is not None, FOLD=grad_pooled is not None)
+    sum_g, sum_gx = sums[:, :, :2].double().sum((0, 1))  # over splits and the batch, in a fixed order
+    gk = sums[:, :, 2].sum((0, 2)).to(k.dtype)
+    invstd, shift, scale = norm[INVSTD], norm[SHIFT], norm[ALPHA]  # scale = weight * invstd
     if training:  # the statistics depend on z too: the means of grad_B and grad_B * xhat come out
         xcoef, const = ((-scale.double() * s / count).to(acc) for s in (sum_gx, sum_g))
     else:
         xcoef = const = torch.zeros_like(scale)
     table = torch.stack([invstd, shift, scale, xcoef, const]).contiguous()
-    gz = _validate.empty_out(x)
+    # Pass 2: grad_z over grad_B, in place.
     numel = x.numel()
-    if numel:
-        block = min(sizes().block, triton.next_power_of_2(numel))
-        launch(_norm_grad_kernel, (triton.cdiv(numel, block),), gb, zf, table, gz, numel, c, h * w,
-               CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(numel), BLOCK=block,
-               ACC=acc_tl(x.dtype), num_warps=warps_for(block))
+    block = min(sizes().block, triton.next_power_of_2(numel))
+    launch(_norm_grad_kernel, (triton.cdiv(numel, block),), gz, zf, table, gz, numel, c, h * w,
+           CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(numel), BLOCK=block,
+           ACC=acc_tl(x.dtype), num_warps=warps_for(block))
     # copies: the two are rows of one tensor, and outputs must not alias
     return gx, gz, gk, sum_gx.to(acc).to(weight.dtype, copy=True), sum_g.to(acc).to(bias.dtype, copy=True)
 

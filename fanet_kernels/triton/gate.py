@@ -254,17 +254,15 @@ def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, norm_ptr, N, C, HW, hw_p
 
 @maybe_autotune(key=["M", "C", "HW"])
 @triton.jit
-def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial_ptr, norm_ptr, M, C, HW, P, iters,
+def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial_ptr, M, C, HW, P, iters,
                      HAS_G: tl.constexpr, FOLD: tl.constexpr, RESIDUAL: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
-                     ACC: tl.constexpr, NORM: tl.constexpr = False):
+                     ACC: tl.constexpr):
     """Program (n, p) sweeps elements [p*iters*BLOCK, (p+1)*iters*BLOCK) of sample n once: g =
     grad_out (+ grad_pooled[n, c] / HW, pre-divided, if FOLD), writes grad_x = g - g*k and
     grad_u = g*k, and its partial sum of g * (u - x) into partial[n, p].  RESIDUAL: u_ptr holds
     the branch b, u = relu(b + x), grad_b = g*k where b + x > 0 (or NaN) else 0, and grad_x gets
-    grad_b added (the identity shortcut), in the order of math::residual_grad_x.  NORM (with
-    RESIDUAL): u_ptr holds z, b = z * alpha[c] + beta[c] (rows 0, 1 of the table at norm_ptr), and
-    gu_ptr receives grad_b."""
+    grad_b added (the identity shortcut), in the order of math::residual_grad_x."""
     pid = tl.program_id(0)
     n = pid // P
     p = pid % P
@@ -285,14 +283,12 @@ def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial
             g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
         else:
             g = tl.zeros([BLOCK], dtype=ACC)
-        if CHANNELS_LAST:  # the channel, for FOLD and NORM (dead code otherwise)
-            c = j % C
-        else:
-            c = j // HW
         if FOLD:
+            if CHANNELS_LAST:
+                c = j % C
+            else:
+                c = j // HW
             g += tl.load(gp_ptr + n * C + c, mask=mask, other=0)
-        if NORM:
-            uv = uv * tl.load(norm_ptr + c, mask=mask, other=0) + tl.load(norm_ptr + C + c, mask=mask, other=0)
         gk = g * kn
         gu = gk
         gx = g - gk
@@ -396,19 +392,15 @@ def _check_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torc
 
 
 def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor],
-                        x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, residual: bool = False,
-                        norm: Optional[torch.Tensor] = None, u_name: Optional[str] = None):
+                        x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, residual: bool = False):
     """Backward of gate_pool (of gate without grad_pooled); of residual_gate_pool (u is the
-    branch) if residual; with a norm table (see channel_sums), pass 1 of bn_residual_gate_pool's
-    backward: u is z, and grad_u is grad_b, kept in the acc dtype for the later passes."""
-    u_name = u_name or _u_name(residual)
+    branch) if residual."""
+    u_name = _u_name(residual)
     _check_backward(grad_out, grad_pooled, x, u, k, u_name)
     kdtype = k.dtype
     x, u, ka, fmt = _prepare(x, u, k, u_name)
     acc = ka.dtype
-    gx = _validate.empty_out(x)
-    gu = _validate.empty_out(x) if norm is None else torch.empty(x.shape, dtype=acc, device=x.device,
-                                                                   memory_format=fmt)
+    gx, gu = _validate.empty_out(x), _validate.empty_out(x)
     n, c, h, w = x.shape
     hw, m = h * w, c * h * w
     block, iters, per_sample = flat_config(n, m)
@@ -417,11 +409,10 @@ def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[
         g = in_kernel_format(grad_out.to(x.dtype), fmt) if grad_out is not None else x
         # d pooled / d out = 1 / HW, divided here as autograd of mean does.
         gp = (grad_pooled.to(acc) / hw).contiguous() if grad_pooled is not None else ka
-        launch(_gate_bwd_kernel, (n * per_sample,), g, gp, x, u, ka, gx, gu, partial,
-               norm if norm is not None else ka, m, c, hw,
+        launch(_gate_bwd_kernel, (n * per_sample,), g, gp, x, u, ka, gx, gu, partial, m, c, hw,
                per_sample, iters, HAS_G=grad_out is not None, FOLD=grad_pooled is not None,
                RESIDUAL=residual, CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(x.numel()),
-               BLOCK=block, ACC=acc_tl(x.dtype), NORM=norm is not None, num_warps=warps_for(block))
+               BLOCK=block, ACC=acc_tl(x.dtype), num_warps=warps_for(block))
     # Per-sample sum of the per-program partials, in program order: deterministic.
     return gx, gu, partial.sum(1).to(kdtype)
 
