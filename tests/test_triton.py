@@ -7,6 +7,8 @@ Without a GPU these run under the Triton interpreter (conftest.py sets TRITON_IN
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -369,6 +371,24 @@ def test_autotune_wrapper_builds_configs(monkeypatch):
     assert isinstance(kernel, triton.runtime.Autotuner)
     assert sorted(c.num_warps for c in kernel.configs) == [2, 4, 8]
     assert all(not c.kwargs for c in kernel.configs)
+
+
+def test_autotune_restores_what_a_kernel_updates_in_place(monkeypatch):
+    """The tuner runs each config on the live arguments: a kernel that updates a tensor in place
+    (bn_residual_gate_pool's pass 2 turns grad_B into grad_z) must have it restored between runs,
+    or the first call on a new shape would apply the update several times."""
+    import triton
+
+    monkeypatch.setattr(ft_gate, "AUTOTUNE", True)
+
+    @ft_gate.maybe_autotune(key=["n"], restore_value=["p"])
+    @triton.jit
+    def kernel(p, n):
+        pass
+
+    assert kernel.restore_value == ["p"]
+    src = inspect.getsource(importlib.import_module("fanet_kernels.triton.bn_gate"))
+    assert 'restore_value=["gb_ptr"]' in src  # _norm_grad_kernel's decorator (gb_ptr is gz_ptr)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -99,7 +99,7 @@ def _norm_gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, z_ptr, k_ptr, norm_ptr, gx_ptr, 
     tl.store(out + 2 * C, tl.sum(s_k, axis=1), mask=c_mask)
 
 
-@maybe_autotune(key=["C", "HW"])
+@maybe_autotune(key=["C", "HW"], restore_value=["gb_ptr"])  # in place: gb_ptr is gz_ptr
 @triton.jit
 def _norm_grad_kernel(gb_ptr, z_ptr, t_ptr, gz_ptr, numel, C, HW,
                       CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):

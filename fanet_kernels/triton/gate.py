@@ -55,14 +55,15 @@ def check_device(x: torch.Tensor) -> None:
                            f"(argument 'x' is on {x.device})")
 
 
-def maybe_autotune(key: list[str]):
+def maybe_autotune(key: list[str], restore_value: Optional[list[str]] = None):
     """@triton.autotune over num_warps (the heuristic fixes every block size, hence the grid and
-    buffer shapes) when a GPU driver is present; the plain kernel otherwise."""
+    buffer shapes) when a GPU driver is present; the plain kernel otherwise.  restore_value: the
+    arguments a kernel updates in place, which the tuner's repeated runs must find unchanged."""
     def wrap(fn):
         if not AUTOTUNE:
             return fn
         configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
-        return triton.autotune(configs=configs, key=key)(fn)
+        return triton.autotune(configs=configs, key=key, restore_value=restore_value)(fn)
     return wrap
 
 
