@@ -1001,7 +1001,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_gate_backward(const GateBa
         grad_w.mutable_data_ptr<acc_t>(), grad_b.mutable_data_ptr<acc_t>(), gt.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // grad_k[n]: sample n's per-channel sums of g * (U - x) (the third of each triple), in order.
-    line_sums_kernel<1><<<grid_for(N), kThreads, 0, stream>>>(folded.const_data_ptr<acc_t>() + 2, C, C * 3, 3,
+    const int64_t K = folded.size(2);
+    line_sums_kernel<1><<<grid_for(N), kThreads, 0, stream>>>(folded.const_data_ptr<acc_t>() + 2, C, C * K, K,
                                                                gk.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     walk<scalar_t>(NormInputGradOp<scalar_t>{gzp, zp, gt.const_data_ptr<acc_t>(), C}, aligned16(gzp) && aligned16(zp),
