@@ -16,6 +16,14 @@
 #endif
 
 namespace fanet {
+
+// Rows of bn_residual_gate_pool's (kNormRows, C) table: B = z * alpha + beta is the normalized
+// branch, xhat = z * invstd + shift the normalized input (math::norm_coefficients).
+enum NormRow { kAlpha, kBeta, kInvstd, kShift, kNormRows };
+
+// Rows of the (kGradRows, C) table of BatchNorm's input gradient (math::norm_input_grad).
+enum GradRow { kGradInvstd, kGradShift, kGradScale, kGradXhat, kGradConst, kGradRows };
+
 namespace math {
 
 // ---- weighting: out = x + (u - x) * k ------------------------------------------------
@@ -150,13 +158,27 @@ FANET_HD void norm_coefficients(T mean, T var, T weight, T bias, double eps, T& 
   shift = -mean * invstd;
 }
 
-// norm_input_grad's xhat_coef and constant from the channel sums of grad_B (sum_g) and
-// grad_B * xhat (sum_gx): in training the statistics depend on z too, which takes their means out.
+// Column c of the (kNormRows, C) table t.
 template <typename T>
-FANET_HD void norm_grad_coefficients(T scale, double sum_g, double sum_gx, double M, bool training, T& xhat_coef,
-                                     T& constant) {
-  xhat_coef = training ? T(-double(scale) * sum_gx / M) : T(0);
-  constant = training ? T(-double(scale) * sum_g / M) : T(0);
+FANET_HD void norm_table_column(T mean, T var, T weight, T bias, double eps, T* t, int64_t C, int64_t c) {
+  norm_coefficients(mean, var, weight, bias, eps, t[kAlpha * C + c], t[kBeta * C + c], t[kInvstd * C + c],
+                    t[kShift * C + c]);
+}
+
+// From channel c's batch totals of grad_B (sum_g) and grad_B * xhat (sum_gx), and column c of the
+// forward's table `norm`: grad_bias, grad_weight, and column c of the (kGradRows, C) table gt.  In
+// training the statistics depend on z too, which takes the means of grad_B and grad_B * xhat out.
+template <typename T>
+FANET_HD void norm_grad_column(const T* norm, int64_t C, int64_t c, double sum_g, double sum_gx, double M,
+                               bool training, T& grad_weight, T& grad_bias, T* gt) {
+  grad_bias = T(sum_g);
+  grad_weight = T(sum_gx);
+  const T scale = norm[kAlpha * C + c];  // weight * invstd
+  gt[kGradInvstd * C + c] = norm[kInvstd * C + c];
+  gt[kGradShift * C + c] = norm[kShift * C + c];
+  gt[kGradScale * C + c] = scale;
+  gt[kGradXhat * C + c] = training ? T(-double(scale) * sum_gx / M) : T(0);
+  gt[kGradConst * C + c] = training ? T(-double(scale) * sum_g / M) : T(0);
 }
 
 // ---- focus MLP: k' = sigmoid(w2 . relu(w1 . l + b1) + b2) --------------------------

@@ -14,8 +14,8 @@
 //   static std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward(const GateBackwardInputs&, const at::Tensor& k);
 //       // (grad_x, grad_u, grad_k) of the weighting, grad_pooled folded in when defined;
 //       // with b.in.residual (grad_x, grad_branch, grad_k), grad_x including the shortcut's share
-// and for bn_residual_gate_pool (the branch's last BatchNorm inside the residual gate; NormRow and
-// GradRow below are the layouts of its per-channel tables):
+// and for bn_residual_gate_pool (the branch's last BatchNorm inside the residual gate; fa_math.h's
+// NormRow and GradRow are the layouts of its per-channel tables):
 //   static void batch_stats(z, shift, fmt, mean, var);
 //       // fills mean, var (C,) with z's batch statistics (biased var) from its moments about shift
 //   static void norm_table(mean, var, weight, bias, double eps, t);   // fills t (kNormRows, C)
@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "fa_math.h"
 
 namespace fanet {
 
@@ -156,13 +157,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_backw
 }
 
 // ---- bn_residual_gate_pool --------------------------------------------------------------
-
-// Rows of the (kNormRows, C) table of the kernels (fa_math.h's norm_coefficients): B = z * alpha + beta
-// is the normalized branch, xhat = z * invstd + shift the normalized input.
-enum NormRow { kAlpha, kBeta, kInvstd, kShift, kNormRows };
-
-// Rows of the (kGradRows, C) table of BatchNorm's input gradient (fa_math.h's norm_input_grad).
-enum GradRow { kGradInvstd, kGradShift, kGradScale, kGradXhat, kGradConst, kGradRows };
 
 // A (C,) tensor in the accumulation dtype, contiguous.
 inline at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }

@@ -831,9 +831,7 @@ void norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, con
     const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *vp = var.const_data_ptr<scalar_t>(),
                    *wp = weight.const_data_ptr<scalar_t>(), *bp = bias.const_data_ptr<scalar_t>();
     scalar_t* tp = t.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c)
-      math::norm_coefficients(mp[c], vp[c], wp[c], bp[c], eps, tp[kAlpha * C + c], tp[kBeta * C + c],
-                              tp[kInvstd * C + c], tp[kShift * C + c]);
+    for (int64_t c = 0; c < C; ++c) math::norm_table_column(mp[c], vp[c], wp[c], bp[c], eps, tp, C, c);
   });
 }
 
@@ -857,13 +855,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_gate_backward(const GateBa
           *tp = gt.mutable_data_ptr<acc_t>();
     const double M = double(N * HW);
     reduce_channel_sums<acc_t>(csum, [&](int64_t c, double sum_g, double sum_gx) {
-      gbp[c] = acc_t(sum_g);
-      gwp[c] = acc_t(sum_gx);
-      const acc_t scale = np[kAlpha * C + c];  // weight * invstd
-      tp[kGradInvstd * C + c] = np[kInvstd * C + c];
-      tp[kGradShift * C + c] = np[kShift * C + c];
-      tp[kGradScale * C + c] = scale;
-      math::norm_grad_coefficients(scale, sum_g, sum_gx, M, training, tp[kGradXhat * C + c], tp[kGradConst * C + c]);
+      math::norm_grad_column(np, C, c, sum_g, sum_gx, M, training, gwp[c], gbp[c], tp);
     });
     if (x.numel() > 0)
       norm_grad<scalar_t>(gz.mutable_data_ptr<scalar_t>(), b.in.u.const_data_ptr<scalar_t>(), tp, N, C, HW,

@@ -568,8 +568,7 @@ __global__ void __launch_bounds__(kThreads) norm_table_kernel(const acc_t* __res
                                                               const acc_t* __restrict__ bias, double eps, int64_t C,
                                                               acc_t* __restrict__ t) {
   for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < C; c += int64_t(gridDim.x) * kThreads)
-    math::norm_coefficients(mean[c], var[c], weight[c], bias[c], eps, t[kAlpha * C + c], t[kBeta * C + c],
-                            t[kInvstd * C + c], t[kShift * C + c]);
+    math::norm_table_column(mean[c], var[c], weight[c], bias[c], eps, t, C, c);
 }
 
 // From the batch totals of NormGateBackwardOp's first two sums (grad_B, grad_B * xhat): grad_bias,
@@ -582,14 +581,7 @@ __global__ void __launch_bounds__(kThreads) norm_grad_table_kernel(const double*
                                                                    acc_t* __restrict__ grad_b,
                                                                    acc_t* __restrict__ gt) {
   for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < C; c += int64_t(gridDim.x) * kThreads) {
-    const double sum_g = totals[2 * c], sum_gx = totals[2 * c + 1];
-    grad_b[c] = acc_t(sum_g);
-    grad_w[c] = acc_t(sum_gx);
-    const acc_t scale = norm[kAlpha * C + c];  // weight * invstd
-    gt[kGradInvstd * C + c] = norm[kInvstd * C + c];
-    gt[kGradShift * C + c] = norm[kShift * C + c];
-    gt[kGradScale * C + c] = scale;
-    math::norm_grad_coefficients(scale, sum_g, sum_gx, M, training, gt[kGradXhat * C + c], gt[kGradConst * C + c]);
+    math::norm_grad_column(norm, C, c, totals[2 * c], totals[2 * c + 1], M, training, grad_w[c], grad_b[c], gt);
   }
 }
 
