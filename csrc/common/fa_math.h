@@ -18,7 +18,7 @@
 namespace fanet {
 
 // Rows of bn_residual_gate_pool's (kNormRows, C) table: B = z * alpha + beta is the normalized
-// branch, xhat = z * invstd + shift the normalized input (math::norm_coefficients).
+// branch, xhat = z * invstd + shift the normalized input (math::norm_table_column).
 enum NormRow { kAlpha, kBeta, kInvstd, kShift, kNormRows };
 
 // Rows of the (kGradRows, C) table of BatchNorm's input gradient (math::norm_input_grad).
@@ -149,20 +149,15 @@ FANET_HD void batch_moments(double shift, double s1, double s2, double M, T& mea
   var = T(v > 0.0 ? v : 0.0);
 }
 
-// The table row of channel c (see above) from its statistics and affine parameters.
-template <typename T>
-FANET_HD void norm_coefficients(T mean, T var, T weight, T bias, double eps, T& alpha, T& beta, T& invstd, T& shift) {
-  invstd = T(1) / sqrt_(var + T(eps));
-  alpha = weight * invstd;
-  beta = bias - mean * alpha;
-  shift = -mean * invstd;
-}
-
-// Column c of the (kNormRows, C) table t.
+// Column c of the (kNormRows, C) table t, from channel c's statistics and affine parameters.
 template <typename T>
 FANET_HD void norm_table_column(T mean, T var, T weight, T bias, double eps, T* t, int64_t C, int64_t c) {
-  norm_coefficients(mean, var, weight, bias, eps, t[kAlpha * C + c], t[kBeta * C + c], t[kInvstd * C + c],
-                    t[kShift * C + c]);
+  const T invstd = T(1) / sqrt_(var + T(eps));
+  const T alpha = weight * invstd;
+  t[kAlpha * C + c] = alpha;
+  t[kBeta * C + c] = bias - mean * alpha;
+  t[kInvstd * C + c] = invstd;
+  t[kShift * C + c] = -mean * invstd;
 }
 
 // From channel c's batch totals of grad_B (sum_g) and grad_B * xhat (sum_gx), and column c of the

@@ -731,6 +731,18 @@ std::tuple<Tensor, int64_t> walk(const Op& op, bool aligned, at::MemoryFormat fm
   return {sums, splits};
 }
 
+// A walk's sums (N * splits, C, K) as (N, C, K), times scale: the splits of each sample added in order.
+template <typename acc_t>
+Tensor fold_splits(const Tensor& sums, int64_t N, int64_t splits, acc_t scale = 1) {
+  if (splits == 1 && scale == acc_t(1)) return sums;
+  const int64_t CK = sums.size(1) * sums.size(2);
+  Tensor folded = at::empty({N, sums.size(1), sums.size(2)}, sums.options());
+  sum_splits_kernel<acc_t><<<stride_grid(N * CK, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      sums.const_data_ptr<acc_t>(), folded.mutable_data_ptr<acc_t>(), N, splits, CK, scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return folded;
+}
+
 // pooled (N, C), acc dtype: the means over H, W of what a pooling op (kSums = 1) sums.
 template <typename scalar_t, typename Op>
 Tensor channel_means(const Op& op, bool aligned, at::MemoryFormat fmt, int64_t N, int64_t C, int64_t HW,
@@ -742,23 +754,7 @@ Tensor channel_means(const Op& op, bool aligned, at::MemoryFormat fmt, int64_t N
   Tensor partial;
   int64_t splits;
   std::tie(partial, splits) = walk<scalar_t>(op, aligned, fmt, N, C, HW, acc_opts);
-  Tensor pooled = at::empty({N, C}, acc_opts);
-  sum_splits_kernel<acc_t><<<stride_grid(N * C, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      partial.const_data_ptr<acc_t>(), pooled.mutable_data_ptr<acc_t>(), N, splits, C, inv_hw);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return pooled;
-}
-
-// A walk's sums (N * splits, C, K) as (N, C, K): the splits of each sample added in order.
-template <typename acc_t>
-Tensor fold_splits(const Tensor& sums, int64_t N, int64_t splits) {
-  if (splits == 1) return sums;
-  const int64_t CK = sums.size(1) * sums.size(2);
-  Tensor folded = at::empty({N, sums.size(1), sums.size(2)}, sums.options());
-  sum_splits_kernel<acc_t><<<stride_grid(N * CK, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      sums.const_data_ptr<acc_t>(), folded.mutable_data_ptr<acc_t>(), N, splits, CK, acc_t(1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return folded;
+  return fold_splits<acc_t>(partial, N, splits, inv_hw).view({N, C});
 }
 
 // (C, 2) double: the batch totals of the first two sums of folded (N, C, K).
