@@ -46,6 +46,13 @@ OP_NAMESPACES = [pytest.param("fanet", id="cpu"),
                  pytest.param("fanet_triton", id="triton",
                               marks=pytest.mark.skipif(TRITON_CPU_SKIP, reason="triton backend not available on "
                                                        "CPU tensors (needs triton and TRITON_INTERPRET=1)"))]
+# The same ops on the devices they run on, for the opcheck and gradcheck tests: (namespace, device,
+# the backend that runs them).
+OP_TARGETS = [pytest.param(("fanet", "cpu", "cpu"), id="cpu"),
+              pytest.param(("fanet_triton", "cpu", "triton"), id="triton", marks=OP_NAMESPACES[1].marks),
+              pytest.param(("fanet", "cuda", "cuda"), id="cuda",
+                           marks=[pytest.mark.cuda, pytest.mark.skipif(cuda_skip_reason("cuda") is not None,
+                                                                       reason=cuda_skip_reason("cuda") or "")])]
 MODES = ("train", "eval")
 GRAD_NAMES = ("x", "z", "k", "weight", "bias")
 BAD_ERRORS = (ValueError, TypeError, RuntimeError)
@@ -403,24 +410,26 @@ def test_backward_is_deterministic(dname, mode):
 
 
 # ---- torch.library.opcheck, gradcheck, double backward ------------------------------------
-@pytest.mark.parametrize("namespace", OP_NAMESPACES)
+@pytest.mark.parametrize("op_target", OP_TARGETS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["train", "train_no_stats", "eval"])
-def test_opcheck(mode, layout, namespace):
-    inputs, stats = make_inputs((2, 6, 3, 5), torch.float32, layout, requires_grad=True)
+def test_opcheck(mode, layout, op_target):
+    namespace, dev, _ = op_target
+    inputs, stats = make_inputs((2, 6, 3, 5), torch.float32, layout, dev, requires_grad=True)
     stats = (None, None) if mode == "train_no_stats" else stats
     torch.library.opcheck(fused_ops(namespace)[0], (*inputs, *stats, mode != "eval", EPS))
 
 
-@pytest.mark.parametrize("namespace", OP_NAMESPACES)
+@pytest.mark.parametrize("op_target", OP_TARGETS)
 @pytest.mark.parametrize("mode,grads_given", [("train", "both"), ("eval", "both"), ("train", "out"),
                                               ("train", "pooled"), ("eval", "pooled")])
-def test_opcheck_backward_op(mode, grads_given, namespace):
+def test_opcheck_backward_op(mode, grads_given, op_target):
+    namespace, dev, _ = op_target
     shape, training = (2, 4, 3, 3), mode == "train"
-    (x, z, k, w, b), (rm, rv) = make_inputs(shape, torch.float32, "contiguous")
+    (x, z, k, w, b), (rm, rv) = make_inputs(shape, torch.float32, "contiguous", dev)
     mean, var = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)) if training else (rm, rv)
-    g_out = make(shape, torch.float32, "contiguous", seed=2) if grads_given in ("both", "out") else None
-    g_pooled = torch.randn(2, 4) if grads_given in ("both", "pooled") else None
+    g_out = make(shape, torch.float32, "contiguous", device=dev, seed=2) if grads_given in ("both", "out") else None
+    g_pooled = torch.randn(2, 4, device=dev) if grads_given in ("both", "pooled") else None
     args = (g_out, g_pooled, x, z, k, w, b, mean, var, training, EPS)
     # The C++ backward op has an autograd kernel (it raises on double backward); Triton's has none,
     # so opcheck's autograd-registration check does not apply to it (as in test_triton.py).
@@ -429,13 +438,12 @@ def test_opcheck_backward_op(mode, grads_given, namespace):
     torch.library.opcheck(fused_ops(namespace)[1], args, **utils)
 
 
-@pytest.mark.parametrize("backend", [p.id for p in OP_NAMESPACES])
+@pytest.mark.parametrize("op_target", OP_TARGETS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "train_no_stats", "eval"])
-def test_gradcheck_float64(mode, layout, backend):
-    if backend == "triton" and TRITON_CPU_SKIP:
-        pytest.skip("triton backend not available on CPU tensors")
-    inputs, stats = make_inputs((2, 3, 4, 5), torch.float64, layout, requires_grad=True)
+def test_gradcheck_float64(mode, layout, op_target):
+    _, dev, backend = op_target
+    inputs, stats = make_inputs((2, 3, 4, 5), torch.float64, layout, dev, requires_grad=True)
     stats = (None, None) if mode == "train_no_stats" else stats
     # The interpreter: fast mode (random directions, a few evaluations instead of ~500, ~30 s each).
     assert torch.autograd.gradcheck(fused_fn(backend, stats, mode != "eval"), tuple(inputs),
@@ -445,27 +453,15 @@ def test_gradcheck_float64(mode, layout, backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "train_no_stats", "eval"])
-def test_cuda_op_contract(mode, layout):
-    """The CUDA kernels of the C++ op (the targets above test their values): opcheck of both ops,
-    float64 gradcheck, and identical bits run to run (the sums are reduced without atomics)."""
+def test_cuda_is_deterministic(mode, layout):
+    """The CUDA kernels reduce without atomics: identical bits run to run (the CPU's thread counts:
+    test_backward_is_deterministic)."""
     reason = cuda_skip_reason("cuda")
     if reason:
         pytest.skip(reason)
-    forward, backward = fused_ops("fanet")
-    training = mode != "eval"
-    inputs, stats = make_inputs((2, 6, 3, 5), torch.float32, layout, "cuda", requires_grad=True)
-    stats = (None, None) if mode == "train_no_stats" else stats
-    torch.library.opcheck(forward, (*inputs, *stats, training, EPS))
-    (x, z, k, w, b), (rm, rv) = make_inputs((2, 6, 3, 5), torch.float32, layout, "cuda")
-    mean, var = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)) if training else (rm, rv)
-    g_out = make((2, 6, 3, 5), torch.float32, layout, device="cuda", seed=2)
-    torch.library.opcheck(backward, (g_out, torch.randn(2, 6, device="cuda"), x, z, k, w, b, mean, var, training, EPS))
-    inputs64, stats64 = make_inputs((2, 3, 4, 5), torch.float64, layout, "cuda", requires_grad=True)
-    stats64 = (None, None) if mode == "train_no_stats" else stats64
-    assert torch.autograd.gradcheck(fused_fn("cuda", stats64, training), tuple(inputs64))
     big, big_stats = make_inputs(SHAPES["large"], torch.float32, layout, "cuda", requires_grad=True)
     big_stats = (None, None) if mode == "train_no_stats" else big_stats
-    fn = fused_fn("cuda", big_stats, training)
+    fn = fused_fn("cuda", big_stats, mode != "eval")
     runs = [(*fn(*big), *grads(fn, big)) for _ in range(2)]
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
