@@ -118,6 +118,7 @@ def main() -> None:
     ext_modules, build_ext = _extensions()
     setup(
         packages=find_packages(include=["fanet_kernels", "fanet_kernels.*"]),
+        package_data={"fanet_kernels": ["py.typed"]},  # the inline type hints are public (PEP 561)
         ext_modules=ext_modules,
         cmdclass={"build_ext": build_ext.with_options(use_ninja=shutil.which("ninja") is not None)},
     )

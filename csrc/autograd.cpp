@@ -5,6 +5,8 @@
 // Python autograd formula (torch.library.register_autograd) doubles the cost of a small op's
 // forward + backward (2x16x4x4 gate_pool: 102 us against 52 us here).  The backward ops are
 // differentiable no further: a double backward through them raises (BackwardFunction).
+#include "common/checks.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -183,6 +185,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool(const Tensor& x
                                                                   const std::optional<Tensor>& running_mean,
                                                                   const std::optional<Tensor>& running_var,
                                                                   bool training, double eps) {
+  check_bn_affine(weight, bias);  // before apply, which records its inputs (an undefined one fails there)
   const auto r = BnResidualGatePoolFunction::apply(x, z, k, weight, bias, running_mean, running_var, training, eps);
   return {r[0], r[1], r[2], r[3]};
 }

@@ -86,8 +86,11 @@ def check_bn(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_
     training more than one value per channel (F.batch_norm's rule).  ``names``: of the statistics in
     messages (the backward op's are the forward's "mean" and "var")."""
     c = z.shape[1]
-    _need(training or (running_mean is not None and running_var is not None),
-          f"arguments '{names[0]}' and '{names[1]}' are required when not training")
+    _need((running_mean is None) == (running_var is None),
+          f"arguments '{names[0]}' and '{names[1]}' must both be given or both be None")
+    _need(training or running_mean is not None, f"arguments '{names[0]}' and '{names[1]}' are required when not training")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _need(t is not None, f"argument '{name}' must be a tensor (an affine BatchNorm's), got None")
     for name, t in (("weight", weight), ("bias", bias), (names[0], running_mean), (names[1], running_var)):
         if t is None:
             continue

@@ -4,6 +4,8 @@ Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++), ``cuda`` (C++/
 ``triton``; ``auto`` picks, per call, the fastest one available for the tensors' device.
 Select one globally with :func:`set_backend`, for a block of code with :func:`use_backend`,
 per module with its ``backend=`` argument, or with the environment variable ``FANET_BACKEND``.
+Inside torch.func transforms (grad, vmap, jvp, ...) ``auto`` picks ``reference``: those transforms
+cannot run the fused ops' autograd (C++ nodes, and torch.library formulas for Triton's).
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+try:
+    from torch._C._functorch import peek_interpreter_stack
+except ImportError:  # a torch without functorch's C API: no transforms to detect
+    def peek_interpreter_stack() -> None:
+        return None
 
 NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -43,6 +50,9 @@ class Backend:
     # True when the ops check their arguments themselves (the C++ ops, with the messages of
     # _validate): the Python-side checks are then skipped, saving ~8 us per call.
     checks_args: bool = False
+    # False when torch.func transforms (grad, vmap, jvp, ...) cannot run the ops' autograd (a C++
+    # node; a custom_op's register_autograd): inside a transform `auto` then picks the reference.
+    func_transforms: bool = True
 
 
 # name -> module that defines BACKEND (imported on first use, so `import fanet_kernels` stays
@@ -111,9 +121,10 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 
 def set_backend(name: str) -> None:
-    """Use backend ``name`` for every op call that does not name its own."""
+    """Use backend ``name`` for every op call that does not name its own.  The setting is
+    process-wide (every thread sees it), unlike ``torch.no_grad`` or ``torch.autocast``."""
     global _active
-    name = _check_name(name)
+    name = _check_name(name, "name")
     if name != "auto" and load(name) is None:
         raise RuntimeError(f"fanet: backend {name!r} is not available: {unavailable_reason(name)}")
     _active = name
@@ -151,10 +162,11 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     """The Backend for a call: ``name`` (or the global setting) for tensors on ``device``."""
     name = _active if name is None else _check_name(name)
     dev = device.type
+    transformed = _in_func_transform()
     if name == "auto":
         for candidate in AUTO_ORDER.get(dev, ("reference",)):
             backend = load(candidate)
-            if backend is not None and dev in backend.devices:
+            if backend is not None and dev in backend.devices and (backend.func_transforms or not transformed):
                 return backend
         raise RuntimeError(f"fanet: no backend can run on device {device}")  # reference always can
     backend = load(name)
@@ -163,7 +175,17 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     if dev not in backend.devices:
         raise ValueError(f"fanet: backend {name!r} does not run on {dev} tensors "
                          f"(it runs on: {', '.join(backend.devices)})")
+    if transformed and not backend.func_transforms:
+        raise RuntimeError(f"fanet: backend {name!r} cannot run inside torch.func transforms (grad, vmap, jvp, "
+                           "functional_call under grad, ...): its ops' autograd does not support them; use backend "
+                           "'reference' or 'auto' there")
     return backend
+
+
+def _in_func_transform() -> bool:
+    """Inside torch.func.grad / vmap / jvp / ... (0.1 us).  Under torch.compile the question is
+    left out: Dynamo traces the transforms itself."""
+    return not torch.compiler.is_compiling() and peek_interpreter_stack() is not None
 
 
 _warned_missing = False

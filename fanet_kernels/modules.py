@@ -4,13 +4,13 @@ and the weighting run through the fused ops of the active backend (fanet_kernels
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import backends, ops
 
 __all__ = ["FAOutput", "FAGate", "FASequential", "FAStage", "FAStages", "ResidualBlock", "SEBlock",
            "collect_k", "out_channels"]
@@ -33,12 +33,13 @@ class FAGate(nn.Module):
     in shape (focus stays on x).  ``residual=True``: u is the residual branch B of a block whose
     output is relu(B + x); the add and the ReLU then run inside the gate (ops.residual_gate_pool).
     ``norm`` (with residual): u is the branch before its last BatchNorm ``norm``, which then runs
-    inside the gate too (ops.bn_residual_gate_pool), running stats and all.
+    inside the gate too (ops.bn_residual_gate_pool), running stats and all.  An x and a u of
+    different dtypes (a block's output under autocast) are promoted as x + (u - x) * k would be.
     Parameters: focus1 Linear(C, max(1, C // r1)), focus2 Linear(h1, 1) and, for index >= 2,
     assoc1 Linear(index, r2 * index), assoc2 Linear(r2 * index, 1).
     """
 
-    def __init__(self, channels: int, index: int, r1: int = 4, r2: int = 4, backend: Optional[str] = None):
+    def __init__(self, channels: int, index: int, r1: int = 4, r2: int = 4, backend: Optional[str] = None) -> None:
         super().__init__()
         if not isinstance(index, int) or index < 1:
             raise ValueError(f"FAGate: argument 'index' must be an int >= 1 (block 0 is not gated), got {index!r}")
@@ -47,6 +48,8 @@ class FAGate(nn.Module):
         for name, r in (("r1", r1), ("r2", r2)):
             if not isinstance(r, int) or r < 1:
                 raise ValueError(f"FAGate: argument '{name}' must be an int >= 1, got {r!r}")
+        if backend is not None:
+            backends._check_name(backend)  # a typo fails here; availability is checked at the first call
         self.channels, self.index, self.backend = channels, index, backend
         h1 = max(1, channels // r1)
         self.focus1 = nn.Linear(channels, h1)
@@ -72,6 +75,28 @@ class FAGate(nn.Module):
         if len(hist) != self.index - 1:
             raise ValueError(f"FAGate(index={self.index}): argument 'history' must hold k_1 .. k_{self.index - 1} "
                              f"({self.index - 1} tensors), got {len(hist)}")
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"FAGate(index={self.index}): argument 'x' must be (N, {self.channels}, H, W) "
+                             f"(the gate was built for channels={self.channels}), got {list(x.shape)}")
+        if pooled_x is not None and tuple(pooled_x.shape) != (x.shape[0], self.channels):
+            raise ValueError(f"FAGate(index={self.index}): argument 'pooled_x' must be (N, C) = "
+                             f"({x.shape[0]}, {self.channels}), got {list(pooled_x.shape)}")
+        for j, h in enumerate(hist):
+            if h.shape != x.shape[:1]:
+                raise ValueError(f"FAGate(index={self.index}): argument 'history' must hold (N,) = "
+                                 f"({x.shape[0]},) tensors, got {list(h.shape)} at position {j}")
+        # A block may return another dtype than its input (under autocast a BatchNorm block returns
+        # float32, a conv block bfloat16): promote both, as x + (u - x) * k would.
+        if x_proj is None and u.dtype != x.dtype:
+            dt = torch.promote_types(x.dtype, u.dtype)
+            x, u = x.to(dt), u.to(dt)
+        elif x_proj is not None and u.dtype != x_proj.dtype:
+            dt = torch.promote_types(x_proj.dtype, u.dtype)
+            x_proj, u = x_proj.to(dt), u.to(dt)
+        if x_proj is None and not residual and u.shape != x.shape:
+            raise ValueError(f"FAGate(index={self.index}): block {self.index}'s output 'u' {list(u.shape)} differs "
+                             f"from its input 'x' {list(x.shape)}: give the gate 'x_proj' (FASequential: "
+                             "'projections')")
         w = self.params()
         if pooled_x is None:
             k = ops.focus(x, w["w1"], w["b1"], w["w2"], w["b2"], backend=self.backend)
@@ -178,9 +203,10 @@ class FASequential(nn.Module):
     ``last_k`` holds the detached (N,) k of blocks 1 .. n-1 (under torch.compile too).
     """
 
-    def __init__(self, blocks, channels: Union[int, Sequence[int], None] = None, r1: int = 4, r2: int = 4,
+    def __init__(self, blocks: Union[nn.Sequential, Sequence[nn.Module]],
+                 channels: Union[int, Sequence[int], None] = None, r1: int = 4, r2: int = 4,
                  backend: Optional[str] = None, projections: Optional[Sequence[Optional[nn.Module]]] = None,
-                 gated: bool = True, fuse_residual: bool = True):
+                 gated: bool = True, fuse_residual: bool = True) -> None:
         super().__init__()
         self.fuse_residual = fuse_residual
         blocks = _seq(blocks)
@@ -204,11 +230,12 @@ class FASequential(nn.Module):
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, idx):
+    def __getitem__(self, idx: Union[int, slice]) -> Union[nn.Module, list[nn.Module]]:
+        """Block ``idx`` (a slice gives a list of blocks)."""
         blocks = [self._modules[str(i)] for i in range(self._n)]
         return blocks[idx]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[nn.Module]:
         return iter(self[:])
 
     def run_chain(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,10 +286,11 @@ class FAStage(FASequential):
     block 0, found by attribute name; a string is a submodule path) applied to the stage input.
     """
 
-    def __init__(self, blocks, index: int, channels=None, stage_channels: Optional[int] = None,
+    def __init__(self, blocks: Union[nn.Sequential, Sequence[nn.Module]], index: int,
+                 channels: Union[int, Sequence[int], None] = None, stage_channels: Optional[int] = None,
                  proj: Union[str, nn.Module, None] = "auto", pre: Optional[nn.Module] = None, last: bool = False,
-                 chain: bool = True, r1: int = 4, r2: int = 4, backend: Optional[str] = None, projections=None,
-                 fuse_residual: bool = True):
+                 chain: bool = True, r1: int = 4, r2: int = 4, backend: Optional[str] = None,
+                 projections: Optional[Sequence[Optional[nn.Module]]] = None, fuse_residual: bool = True) -> None:
         super().__init__(blocks, channels, r1, r2, backend, projections, gated=chain, fuse_residual=fuse_residual)
         self.index, self.last = index, last
         self._proj_path: Optional[str] = None
@@ -296,7 +324,9 @@ class FAStage(FASequential):
         kept, self._kept = self._kept, None
         return kept if kept is not None else self.get_submodule(self._proj_path)(x)
 
-    def forward(self, inp):
+    def forward(self, inp: Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
+        """``x`` or ``(x, history)`` in; ``(out, history)`` out, or ``out`` for the last stage."""
         x, hist = inp if isinstance(inp, tuple) else (inp, [])
         if "pre" in self._modules:
             x = self.pre(x)
@@ -320,9 +350,11 @@ class FAStages(nn.Module):
     "1", ... holding their blocks as "s.i", so the keys of a plain nn.Sequential of stages load.
     """
 
-    def __init__(self, stages: Sequence, channels: Optional[Sequence] = None, projections=None,
+    def __init__(self, stages: Union[nn.Sequential, Sequence[nn.Module]],
+                 channels: Optional[Sequence[Union[int, Sequence[int], None]]] = None,
+                 projections: Optional[Sequence[Union[str, nn.Module, None]]] = None,
                  pre: Optional[Sequence[Optional[nn.Module]]] = None, chain: bool = True,
-                 r1: int = 4, r2: int = 4, backend: Optional[str] = None, fuse_residual: bool = True):
+                 r1: int = 4, r2: int = 4, backend: Optional[str] = None, fuse_residual: bool = True) -> None:
         super().__init__()
         stages = list(stages.children()) if isinstance(stages, nn.Sequential) else list(stages)
         n = len(stages)
@@ -338,7 +370,8 @@ class FAStages(nn.Module):
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, idx):
+    def __getitem__(self, idx: Union[int, slice]) -> Union[nn.Module, list[nn.Module]]:
+        """Stage ``idx`` (a slice gives a list of stages)."""
         return [self._modules[str(s)] for s in range(self._n)][idx]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,8 +384,11 @@ class SEBlock(nn.Module):
     """Squeeze-and-excitation (Hu et al.): GAP -> Linear(C, C // r) -> ReLU -> Linear -> sigmoid ->
     channel scale; both Linear layers with bias."""
 
-    def __init__(self, channels: int, r: int = 16):
+    def __init__(self, channels: int, r: int = 16) -> None:
         super().__init__()
+        for name, v in (("channels", channels), ("r", r)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"SEBlock: argument '{name}' must be an int >= 1, got {v!r}")
         hidden = max(1, channels // r)
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, channels)

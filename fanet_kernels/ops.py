@@ -127,7 +127,7 @@ if HAS_EXTENSION:
             name=name, devices=devices, gate=torch.ops.fanet.gate.default,
             gate_pool=torch.ops.fanet.gate_pool.default, focus=torch.ops.fanet.focus.default,
             residual_gate_pool=torch.ops.fanet.residual_gate_pool.default, mlp=torch.ops.fanet.mlp.default,
-            bn_residual_gate_pool=_native_bn_residual_gate_pool, checks_args=True,
+            bn_residual_gate_pool=_native_bn_residual_gate_pool, checks_args=True, func_transforms=False,
         )
 
     BACKENDS = {"cpu": _compiled_backend("cpu", ("cpu",))}

@@ -13,11 +13,30 @@ namespace fanet {
 
 inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
 
+// A dtype as Python spells it (torch.float32, not Float), so the messages are _validate.py's.
+inline std::string dtype_str(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(st);
+  }
+}
+
 inline void check_float(const at::Tensor& t, const char* name) {
   const auto st = t.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "fanet: argument '", name,
-              "' must be a floating tensor (float32, float64, float16 or bfloat16), got ", st);
+              "' must be a floating tensor (float32, float64, float16 or bfloat16), got ", dtype_str(st));
 }
 
 // x, u: (N, C, H, W), same shape, dtype and device, H*W >= 1; k: (N,), floating, same device.
@@ -32,7 +51,7 @@ inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::
   TORCH_CHECK_VALUE(u.sizes() == x.sizes(), "fanet: argument '", u_name, "' must have the shape of x ",
               shape_str(x), ", got ", shape_str(u));
   TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), "fanet: argument '", u_name, "' must have the dtype of x (",
-              x.scalar_type(), "), got ", u.scalar_type());
+              dtype_str(x.scalar_type()), "), got ", dtype_str(u.scalar_type()));
   TORCH_CHECK_VALUE(u.device() == x.device(), "fanet: argument '", u_name, "' must be on the device of x (",
               x.device(), "), got ", u.device());
   TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "fanet: argument 'x' must have H*W >= 1, got shape ",
@@ -61,7 +80,7 @@ inline void check_mlp_weights(int64_t C, const at::Device& device, const at::Ten
   for (const auto& [t, name] : ws) {
     check_float(*t, name);
     TORCH_CHECK_TYPE(t->scalar_type() == w1.scalar_type(), "fanet: argument '", name,
-                "' must have the dtype of w1 (", w1.scalar_type(), "), got ", t->scalar_type());
+                "' must have the dtype of w1 (", dtype_str(w1.scalar_type()), "), got ", dtype_str(t->scalar_type()));
     TORCH_CHECK_VALUE(t->device() == device, "fanet: argument '", name,
                 "' must be on the device of ", input, " (", device, "), got ", t->device());
   }
@@ -132,6 +151,12 @@ inline GateInputs prepare_gate(const at::Tensor& x, const at::Tensor& u, const a
           /*residual=*/false};
 }
 
+// The schema's weight and bias are required; Python's None reaches the ops as an undefined tensor.
+inline void check_bn_affine(const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK_VALUE(weight.defined(), "fanet: argument 'weight' must be a tensor (an affine BatchNorm's), got None");
+  TORCH_CHECK_VALUE(bias.defined(), "fanet: argument 'bias' must be a tensor (an affine BatchNorm's), got None");
+}
+
 // The BatchNorm arguments of bn_residual_gate_pool, checked against z (N, C, H, W): weight, bias and
 // the running stats where given are (C,) floating tensors on z's device; eval needs the running
 // stats, training more than one value per channel (F.batch_norm's rule).  The backward op passes the
@@ -141,10 +166,13 @@ inline void check_bn_args(const at::Tensor& z, const at::Tensor& weight, const a
                           const std::optional<at::Tensor>& running_var, bool training,
                           const char* mean_name = "running_mean", const char* var_name = "running_var") {
   const int64_t C = z.size(1);
-  const bool has_stats = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
-                         running_var->defined();
-  TORCH_CHECK_VALUE(training || has_stats, "fanet: arguments '", mean_name, "' and '", var_name,
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK_VALUE(has_mean == has_var, "fanet: arguments '", mean_name, "' and '", var_name,
+                    "' must both be given or both be None");
+  TORCH_CHECK_VALUE(training || has_mean, "fanet: arguments '", mean_name, "' and '", var_name,
                     "' are required when not training");
+  check_bn_affine(weight, bias);
   const std::pair<const at::Tensor*, const char*> ps[] = {
       {&weight, "weight"}, {&bias, "bias"},
       {running_mean.has_value() ? &*running_mean : nullptr, mean_name},

@@ -146,7 +146,7 @@ template <typename T>
 FANET_HD void batch_moments(double shift, double s1, double s2, double M, T& mean, T& var) {
   const double m = s1 / M, v = s2 / M - m * m;
   mean = T(shift + m);
-  var = T(v > 0.0 ? v : 0.0);
+  var = T(v < 0.0 ? 0.0 : v);  // rounding can make v slightly negative; a NaN stays NaN (F.batch_norm's var)
 }
 
 // Column c of the (kNormRows, C) table t, from channel c's statistics and affine parameters.
@@ -188,7 +188,7 @@ FANET_HD T sigmoid(T z) {
 
 template <typename T>
 FANET_HD T relu(T v) {
-  return v > T(0) ? v : T(0);
+  return Lane<T>::unless_nonpositive(v, v);  // NaN passes, as in torch.relu
 }
 
 // Hidden unit j from its pre-activation dot product w1[j, :] . l.
@@ -203,10 +203,11 @@ FANET_HD T sigmoid_grad(T k, T grad_k) {
   return grad_k * k * (T(1) - k);
 }
 
-// Gradient reaching hidden unit j's pre-activation: relu passes it where h > 0.
+// Gradient reaching hidden unit j's pre-activation: relu passes it where h > 0 or h is NaN
+// (threshold_backward's rule).
 template <typename T>
 FANET_HD T focus_hidden_grad(T grad_z, T w2, T h) {
-  return h > T(0) ? grad_z * w2 : T(0);
+  return Lane<T>::unless_nonpositive(h, grad_z * w2);
 }
 
 // The focus MLP of one sample after its dot products, built from the pieces above.  The

@@ -40,6 +40,7 @@ def _bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, tra
 BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
                   gate=gate.gate, gate_pool=_gate_pool, focus=focus.focus,
                   residual_gate_pool=_residual_gate_pool, bn_residual_gate_pool=_bn_residual_gate_pool,
-                  mlp=reference.mlp)  # a few tiny matrix products, no pass over activations: plain PyTorch
+                  mlp=reference.mlp,  # a few tiny matrix products, no pass over activations: plain PyTorch
+                  func_transforms=False)
 
 __all__ = ["AUTOTUNE", "BACKEND", "INTERPRET", "bn_gate", "focus", "gate"]

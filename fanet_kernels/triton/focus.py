@@ -44,7 +44,8 @@ def _focus_mlp(l_row, w1_ptr, b1_ptr, w2_ptr, b2_ptr, C, H1,
             w = tl.load(w1_ptr + h[:, None] * C + c[None, :], mask=h_mask[:, None] & c_mask[None, :], other=0)
             lv = tl.load(l_row + c, mask=c_mask, other=0)
             dot += w * lv[None, :]
-        hidden = tl.maximum(tl.sum(dot, axis=1) + tl.load(b1_ptr + h, mask=h_mask, other=0), 0)
+        pre = tl.sum(dot, axis=1) + tl.load(b1_ptr + h, mask=h_mask, other=0)
+        hidden = tl.where(pre <= 0, 0, pre)  # relu with NaN passing, as torch.relu (tl.maximum may drop it)
         z += tl.sum(tl.load(w2_ptr + h, mask=h_mask, other=0) * hidden, axis=0)
     return 1 / (1 + tl.exp(-z))
 
@@ -153,7 +154,7 @@ def _focus_backward_impl(grad_k, x, w1, b1, w2, b2):
     hidden = F.relu(F.linear(l, w1a, b1a))
     kf = torch.sigmoid(F.linear(hidden, w2a, b2a)).squeeze(1)
     grad_z = grad_k.to(acc) * kf * (1 - kf)                                # (N,)
-    grad_h = (grad_z[:, None] * w2a) * (hidden > 0)                        # (N, H1)
+    grad_h = (grad_z[:, None] * w2a).masked_fill(hidden <= 0, 0)          # (N, H1); NaN passes, as in relu's
     grad_l = grad_h @ w1a                                                  # (N, C)
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     numel = x.numel()

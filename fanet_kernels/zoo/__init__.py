@@ -45,5 +45,7 @@ def create_model(name: str, num_classes: int = 10, **kw: Any) -> nn.Module:
         raise ValueError(f"fanet zoo: unknown model {name!r}; known: {', '.join(list_models())}")
     ctor, fixed, se_r = bases[base]
     se_r = kw.pop("se_reduction", se_r)
+    if "se_" in prefix and (not isinstance(se_r, int) or isinstance(se_r, bool) or se_r < 1):
+        raise ValueError(f"fanet zoo: argument 'se_reduction' of {name!r} must be an int >= 1, got {se_r!r}")
     return ctor(num_classes=num_classes, se_reduction=se_r if "se_" in prefix else None,
                 fa=prefix.startswith("fa_"), **fixed, **kw)

@@ -17,7 +17,7 @@ def conv_bn(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int
 
 
 def maybe_se(channels: int, r: Optional[int]) -> Optional[nn.Module]:
-    return SEBlock(channels, r) if r else None
+    return SEBlock(channels, r) if r is not None else None
 
 
 def init_weights(model: nn.Module) -> None:
