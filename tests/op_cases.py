@@ -53,10 +53,12 @@ def make_k(n: int, dtype: torch.dtype = torch.float32, *, device: str = "cpu",
 
 def make_focus_weights(c: int, dtype: torch.dtype = torch.float32, *, device: str = "cpu",
                        requires_grad: bool = False, r1: int = 4, seed: int = 2) -> list[torch.Tensor]:
-    """w1 (H1, C), b1 (H1,), w2 (1, H1), b2 (1,) with H1 = max(1, C // r1)."""
+    """w1 (H1, C), b1 (H1,), w2 (1, H1), b2 (1,) with H1 = max(1, C // r1).  b1 is drawn around
+    0.3 so that hidden units are live and k' depends on x (with H1 = 1 a negative b1 made k'
+    sigmoid(b2) whatever x was, and every gradient but b2's zero)."""
     g = torch.Generator().manual_seed(seed)
     h1 = max(1, c // r1)
-    ws = [torch.randn(h1, c, generator=g) / max(1, c) ** 0.5, torch.randn(h1, generator=g) * 0.1,
+    ws = [torch.randn(h1, c, generator=g) / max(1, c) ** 0.5, 0.3 + torch.randn(h1, generator=g) * 0.1,
           torch.randn(1, h1, generator=g) / h1 ** 0.5, torch.randn(1, generator=g) * 0.1]
     return [w.to(dtype).to(device).requires_grad_(requires_grad) for w in ws]
 

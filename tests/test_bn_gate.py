@@ -255,20 +255,42 @@ def test_variance_of_offset_z(target, sname, dname, layout):
 @pytest.mark.parametrize("dname", list(DTYPES))
 @pytest.mark.parametrize("case", ["no_stats", "momentum_eps", "eval_eps"])
 def test_forward_arguments(target, case, dname):
-    """Training without running stats, a momentum and an eps other than the defaults."""
+    """Training without running stats, a momentum and an eps other than the defaults: outputs,
+    running stats and gradients (the backward reads eps too)."""
     (backend, dev), dtype = target, DTYPES[dname]
-    inputs, (rm, rv) = make_inputs(SHAPES["7x7"], dtype, "contiguous", dev)
-    stats, kw = {"no_stats": ((None, None), dict(training=True)),
-                 "momentum_eps": ((rm, rv), dict(training=True, momentum=0.3, eps=1e-2)),
-                 "eval_eps": ((rm, rv), dict(training=False, eps=0.5))}[case]
+    inputs, (rm, rv) = make_inputs(SHAPES["7x7"], dtype, "contiguous", dev, requires_grad=True)
+    stats, training, kw = {"no_stats": ((None, None), True, {}),
+                           "momentum_eps": ((rm, rv), True, dict(momentum=0.3, eps=1e-2)),
+                           "eval_eps": ((rm, rv), False, dict(eps=0.5))}[case]
     ref_stats = [None if s is None else s.clone() for s in stats]
-    out, pooled = ops.bn_residual_gate_pool(*inputs, *stats, **kw, backend=backend)
-    ref_out, ref_pooled = reference.bn_residual_gate_pool(*inputs, *ref_stats, **kw)
+    out, pooled = ops.bn_residual_gate_pool(*inputs, *stats, training=training, **kw, backend=backend)
+    ref_out, ref_pooled = reference.bn_residual_gate_pool(*inputs, *ref_stats, training=training, **kw)
     torch.testing.assert_close(out, ref_out, **TOL[dtype])
     torch.testing.assert_close(pooled, ref_pooled, **TOL[dtype])
     for s, r in zip(stats, ref_stats):
         if s is not None:
             torch.testing.assert_close(s, r, **TOL[s.dtype])
+    fused = grads(fused_fn(backend, ref_stats, training, **kw), inputs)
+    ref = grads(reference_fn(ref_stats, training, **kw), inputs)
+    check_grads(fused, ref, dtype, z_scale=conditioning(inputs[1], inputs[3], training, kw.get("eps", EPS))[1])
+
+
+@pytest.mark.parametrize("namespace", OP_NAMESPACES)
+@pytest.mark.parametrize("mode", MODES)
+def test_native_op_with_empty_batch(namespace, mode):
+    """N = 0 through the op itself (ops.bn_residual_gate_pool hands empty inputs to F.batch_norm,
+    which leaves the running stats alone): empty out and pooled; statistics of zeros when training
+    (both ops alike), the running stats in eval; empty gradients."""
+    (x, z, k, w, b), (rm, rv) = make_inputs((0, 3, 4, 4), torch.float32, "contiguous", requires_grad=True)
+    out, pooled, mean, var = fused_ops(namespace)[0](x, z, k, w, b, rm, rv, mode == "train", EPS)
+    assert out.shape == x.shape and pooled.shape == (0, 3)
+    if mode == "train":
+        assert not mean.any() and not var.any()
+    else:
+        assert torch.equal(mean, rm) and torch.equal(var, rv)
+    gx, gz, gk, gw, gb = torch.autograd.grad(out.sum() + pooled.sum(), [x, z, k, w, b])
+    assert gx.shape == x.shape and gz.shape == z.shape and gk.shape == (0,)
+    assert not gw.any() and not gb.any()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -396,7 +418,7 @@ def test_backward_is_deterministic(dname, mode):
         inputs, stats = make_inputs(shape, DTYPES[dname], layout, requires_grad=True)
         threads = torch.get_num_threads()
         runs = []
-        for n in (threads, 1, threads):
+        for n in (max(threads, 2), 1, 3):  # 1 and several threads, whatever OMP_NUM_THREADS says
             torch.set_num_threads(n)
             try:
                 rm, rv = (s.clone() for s in stats)
@@ -503,6 +525,10 @@ def _bad_cases():
         "z device": ((x, z.to("meta"), k, w, b, rm, rv), "argument 'z'"),
         "k shape": ((x, z, torch.rand(3), w, b, rm, rv), "argument 'k'"),
         "x 3-D": ((x[0], z[0], k, w, b, rm, rv), "argument 'x'"),
+        "weight None": ((x, z, k, None, b, rm, rv), "argument 'weight'"),
+        "bias None": ((x, z, k, w, None, rm, rv), "argument 'bias'"),
+        "running_var None": ((x, z, k, w, b, rm, None), "'running_var' must both be given"),
+        "running_mean None": ((x, z, k, w, b, None, rv), "'running_var' must both be given"),
     }
 
 
@@ -525,6 +551,24 @@ def test_eval_without_running_stats_raises(namespace):
             ops.bn_residual_gate_pool(x, z, k, w, b, *stats, training=False, backend=backend)
         with pytest.raises(BAD_ERRORS, match=name):
             fused_ops(namespace)[0](x, z, k, w, b, *stats, False, EPS)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.id.endswith("-cpu")])
+def test_inf_in_z_makes_statistics_nan_as_batch_norm(target):
+    """An inf in z: F.batch_norm's mean of that channel is inf and its variance NaN, which must
+    reach the output and running_var as NaN (clamping the variance at 0 would hide it)."""
+    backend, _ = target
+    (x, z, k, w, b), (rm, rv) = make_inputs((2, 3, 4, 4), torch.float32, "contiguous")
+    z[0, 1, 2, 3] = float("inf")
+    runs = {}
+    for name, fn in (("fused", lambda *a: ops.bn_residual_gate_pool(*a, training=True, backend=backend)),
+                     ("reference", lambda *a: reference.bn_residual_gate_pool(*a, training=True))):
+        stats = (rm.clone(), rv.clone())  # updated in place
+        out, pooled = fn(x, z, k, w, b, *stats)
+        runs[name] = (out.isnan(), pooled.isnan(), stats[0].isnan() | stats[0].isinf(), stats[1].isnan())
+    for a, b_ in zip(runs["fused"], runs["reference"]):
+        assert torch.equal(a, b_)
+    assert runs["fused"][3].tolist() == [False, True, False]
 
 
 # ---- the fold in the FA chains --------------------------------------------------------------

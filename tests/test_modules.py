@@ -161,9 +161,38 @@ def test_fagate_parameters_and_errors():
         FAGate(8, 0)
     with pytest.raises(ValueError, match="history"):
         FAGate(8, 2)(torch.randn(1, 8, 2, 2), torch.randn(1, 8, 2, 2), [])
+    x = torch.randn(2, 4, 3, 3)
+    for call, name in ((lambda: FAGate(4, 1)(torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)), "channels=4"),
+                       (lambda: FAGate(4, 1)(x, x, pooled_x=torch.rand(2, 5)), "'pooled_x'"),
+                       (lambda: FAGate(4, 2)(x, x, [torch.rand(3)]), "'history'"),
+                       (lambda: FAGate(4, 1)(x, torch.randn(2, 8, 3, 3)), "'x_proj'"),
+                       (lambda: FAGate(4, 1, backend="gpu"), "'backend'"),
+                       (lambda: FASequential([nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 16, 1)])(
+                           torch.randn(2, 3, 4, 4)), r"FAGate\(index=2\).*'projections'")):
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chain_under_autocast(backend):
+    """Under autocast a BatchNorm block returns float32 and a conv block bfloat16: the gate
+    promotes x and u as x + (u - x) * k would, and the chain trains."""
+    torch.manual_seed(0)
+    m = FASequential(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                   nn.Conv2d(4, 4, 3, padding=1)), backend=backend)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.float32 and x.grad is not None and m.fa[0].focus1.weight.grad is not None
 
 
 def test_seblock():
+    for args, name in (((8, 0), "'r'"), ((0, 4), "'channels'")):
+        with pytest.raises(ValueError, match=name):
+            SEBlock(*args)
+    with pytest.raises(ValueError, match="'se_reduction'"):
+        zoo.create_model("fa_se_resnet20", se_reduction=0)
     se = SEBlock(32, 8)
     assert sum(p.numel() for p in se.parameters()) == 32 * 4 + 4 + 4 * 32 + 32
     x = torch.randn(2, 32, 3, 3)
