@@ -21,10 +21,13 @@ pytest.importorskip("tqdm")
 # A stand-in model for the runs that only test the command line's plumbing (fast, any input size).
 TINY_MODEL = textwrap.dedent("""
     from torch import nn
-    def tiny(num_classes=10, tiny_imagenet=False, width=4):
+    def tiny(num_classes=10, tiny_imagenet=False, width=4, bn=True):
         return nn.Sequential(nn.Conv2d(3, width, 3, stride=2 if tiny_imagenet else 1, padding=1),
-                             nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                             nn.BatchNorm2d(width) if bn else nn.Identity(), nn.ReLU(),
+                             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+    def wide(num_classes=10, tiny_imagenet=False):
+        return tiny(num_classes, tiny_imagenet, width=8)
 """)
 # One thread: on a busy 2-core machine two OpenMP threads per process can be 10x slower.
 FAST = ["--batch-size", "8", "--max-steps", "2", "--max-eval-steps", "1", "--threads", "1", "--quiet"]
@@ -125,6 +128,29 @@ def test_resume_matches_uninterrupted(tmp_path, cifar, backend):
     assert len(lines) == 4  # header + 3 epochs, none repeated
 
 
+def test_best_pt_is_the_logs_best_epoch(tmp_path, cifar, tiny_model, capsys):
+    # lr ~0 and no BatchNorm: every epoch ties, so the first is best, and it is no checkpoint epoch
+    out = tmp_path / "run"
+    argv = ["train", "--model", tiny_model, "--model-arg", "bn=False", "--dataset", "cifar10", "--data", cifar,
+            "--epochs", "3", "--save-every", "3", "--lr", "1e-12", "--out", str(out), *FAST]
+    assert main(argv) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert len({r["test_err"] for r in log["epochs"]}) == 1 and log["best"]["epoch"] == 1
+    assert _load(out / "best.pt")["epoch"] == 1 and _load(out / "checkpoint.pt")["epoch"] == 3
+    # training again into the same folder without --resume: allowed, with a warning naming it
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and str(out) in err
+
+
+def test_resume_with_other_model_args_names_them(tmp_path, cifar, tiny_model, capsys):
+    common = ["train", "--model", tiny_model, "--dataset", "cifar10", "--data", cifar, "--epochs", "2",
+              "--out", str(tmp_path / "run"), *FAST]
+    assert main([*common, "--stop-after", "1"]) == 0
+    _main_error(capsys, [*common, "--resume", "--model-arg", "width=8"], "--model-arg", "width=8")
+
+
 def test_checkpoint_is_atomic_and_weights_only(tmp_path):
     from fanet_kernels.cli import checkpoint as ckpt
 
@@ -189,6 +215,46 @@ def test_bad_flags_exit_2(capsys):
     _main_error(capsys, [])
 
 
+def test_flag_mistakes_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
+    # Each is found before a data set is read or a model built (no checkpoint exists at x.pt).
+    import fanet_kernels
+
+    monkeypatch.chdir(tmp_path)  # a check that let a mistake through would train into ./runs
+    ckpt = str(tmp_path / "x.pt")
+    for argv, flag in [
+        (["train", "--workers", "-1"], "--workers"), (["eval", ckpt, "--workers", "-1"], "--workers"),
+        (["train", "--momentum", "-1"], "--momentum"), (["train", "--weight-decay", "-1"], "--weight-decay"),
+        (["train", "--nesterov", "--momentum", "0"], "--nesterov"), (["train", "--lr", "nan"], "--lr"),
+        (["train", "--lr-gamma", "inf"], "--lr-gamma"), (["train", "--crop", "50"], "--crop"),
+        (["train", "--model", "no.such.module:f"], "--model"),
+        (["eval", ckpt, "--batch-size", "0"], "--batch-size"), (["eval", ckpt, "--max-steps", "0"], "--max-steps"),
+        (["eval", ckpt, "--max-steps", "-1"], "--max-steps"), (["eval", ckpt, "--json", str(tmp_path)], "--json"),
+        (["profile", "--input-size", "-3"], "--input-size"), (["profile", "--input-size", "0"], "--input-size"),
+        (["plot", ckpt, "--out", str(tmp_path / "c.xyz")], "--out"),
+        (["cam", ckpt, "--out", __file__], "--out"), (["train", "--out", __file__], "--out"),
+    ]:
+        _main_error(capsys, argv, flag)
+    # backends that cannot run on the CPU, as a flag or as a model argument
+    # (Triton runs on the CPU under TRITON_INTERPRET=1, which conftest.py sets without a GPU.)
+    not_on_cpu = [b for b in ("cuda", "triton") if b not in fanet_kernels.available_backends("cpu")]
+    for argv in (["train", "--device", "cpu"], ["eval", ckpt, "--device", "cpu"], ["cam", ckpt]):  # cam: CPU only
+        for name in not_on_cpu:
+            _main_error(capsys, [*argv, "--backend", name], "--backend", name)
+    for name in not_on_cpu:
+        _main_error(capsys, ["train", "--device", "cpu", "--model-arg", f"backend={name}"], "--model-arg backend")
+    if not torch.cuda.is_available():
+        _main_error(capsys, ["train", "--device", "cuda"], "--device")
+        _main_error(capsys, ["eval", ckpt, "--device", "cuda"], "--device")
+
+
+def test_model_construction_errors_exit_2(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run"), "--epochs", "1", *FAST]
+    _main_error(capsys, ["train", "--model", "os:getcwd", *out], "--model", "os:getcwd")
+    if _has_zoo():
+        _main_error(capsys, ["train", "--model", "fa_resnet20", "--model-arg", "r1=0", *out], "--model-arg", "r1")
+        _main_error(capsys, ["train", "--model", "fa_resnet20", "--model-arg", "r1=abc", *out], "--model-arg", "r1")
+
+
 def test_missing_data_path_exit_2(tmp_path, capsys):
     missing = str(tmp_path / "no-data-here")
     _main_error(capsys, ["train", "--dataset", "tiny-imagenet", "--data", missing], missing, "wnids.txt")
@@ -238,6 +304,16 @@ def test_plot_and_cam_write_pngs(tmp_path, cifar, tiny_model):
     _open_png(tmp_path / "cam" / "gradcam.png")
 
 
+def test_plot_out_without_suffix_reports_the_png_written(tmp_path, capsys):
+    log = tmp_path / "log.json"
+    log.write_text(json.dumps({"config": {"model": "m"}, "epochs": [
+        {"epoch": 1, "train_loss": 2.0, "train_err": 80.0, "test_loss": 2.1, "test_err": 85.0}]}))
+    capsys.readouterr()
+    assert main(["plot", str(log), "--out", str(tmp_path / "c4")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'c4.png'}"
+    _open_png(tmp_path / "c4.png")
+
+
 @needs_zoo
 def test_cam_k_per_class_fa_model(tmp_path, cifar):
     out = tmp_path / "run"
@@ -252,11 +328,30 @@ def test_cam_k_per_class_fa_model(tmp_path, cifar):
 
 
 def test_compare_prints_side_by_side(tmp_path, cifar, tiny_model, capsys):
-    assert main(["compare", "--models", tiny_model, tiny_model + "", "--dataset", "cifar10", "--data", cifar,
+    models = [tiny_model, tiny_model.replace(":tiny", ":wide")]
+    assert main(["compare", "--models", *models, "--dataset", "cifar10", "--data", cifar,
                  "--epochs", "1", "--out", str(tmp_path / "cmp"), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "test err %" in printed
     _open_png(tmp_path / "cmp" / "curves.png")
+    # "time s" is the model's epochs (its log's epoch times), not the start-up before them
+    for name in models:
+        row = next(line.split() for line in printed.splitlines() if line.startswith(name + " "))
+        log = json.loads((tmp_path / "cmp" / name.replace(":", ".") / "log.json").read_text())
+        assert float(row[-1]) == pytest.approx(sum(r["epoch_time"] for r in log["epochs"]), abs=0.051)
+
+
+def test_compare_checks_every_model_first_and_honours_no_plot(tmp_path, cifar, tiny_model, capsys):
+    cmp = tmp_path / "cmp"
+    common = ["compare", "--dataset", "cifar10", "--data", cifar, "--epochs", "1", "--out", str(cmp), *FAST]
+    _main_error(capsys, [*common, "--models", tiny_model, "no_such_model"], "--models", "no_such_model")
+    _main_error(capsys, [*common, "--models", tiny_model, tiny_model], "--models", "more than once")
+    _main_error(capsys, [*common, "--models", tiny_model, "--model", "resnet20"], "--model")
+    _main_error(capsys, [*common, "--models", tiny_model, "--plot", str(tmp_path / "c.xyz")], "--plot", ".xyz")
+    assert not cmp.exists()  # nothing trained before the mistake was found
+    assert main([*common, "--models", tiny_model, "--no-plot"]) == 0
+    assert sorted(p.name for p in cmp.rglob("*.png")) == []
+    assert "curves:" not in capsys.readouterr().out
 
 
 @needs_zoo

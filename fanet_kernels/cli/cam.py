@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import checkpoint as ckpt
+from . import checks
 from .data import DATASETS, load_dataset, prepare_batch
 from .errors import CliError
 from .evaluate import model_from_checkpoint
@@ -166,16 +167,19 @@ def save_k_plot(blocks: list[str], means: torch.Tensor, classes: list[str], path
 def run(args: argparse.Namespace) -> int:
     from .train import select_backend
 
-    select_backend(args.backend)
+    checks.at_least(args, 1, "num_images")
+    checks.at_least(args, 0, "k_images", "target")
+    checks.out_dir(args.out)
+    select_backend(args.backend, "cpu")  # cam runs the model on the CPU
     state = ckpt.load(args.checkpoint)
     cfg = state["config"]
     model = model_from_checkpoint(state, args.checkpoint).eval()
     name = args.dataset or cfg.get("dataset", "digits")
     data_root = args.data if args.data is not None else (cfg.get("data") if name == cfg.get("dataset") else None)
     mean, classes = cfg["mean"], cfg.get("classes") or [str(i) for i in range(cfg["num_classes"])]
+    if args.target is not None and args.target >= cfg["num_classes"]:
+        raise CliError(f"argument --target: class index must be in 0..{cfg['num_classes'] - 1}")
     os.makedirs(args.out, exist_ok=True)
-    if args.num_images < 1 or args.k_images < 0:
-        raise CliError("argument --num-images/--k-images: must be positive")
 
     test_set = None
     if args.images:
@@ -186,8 +190,6 @@ def run(args: argparse.Namespace) -> int:
         images = torch.stack([test_set[i][0] for i in idx])
         truth = [int(test_set[i][1]) for i in idx]
     target = None if args.target is None else torch.full((len(images),), args.target, dtype=torch.int64)
-    if args.target is not None and not 0 <= args.target < cfg["num_classes"]:
-        raise CliError(f"argument --target: class index must be in 0..{cfg['num_classes'] - 1}")
     cams, logits, layer = grad_cam(model, prepare_batch(images, mean, train=False), target, args.layer)
     pred = logits.argmax(1).tolist()
     titles = [(f"true {classes[t]}\n" if t is not None else "") + f"pred {classes[p]}" for t, p in zip(truth, pred)]

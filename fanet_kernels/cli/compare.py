@@ -4,42 +4,55 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
+from . import checks
 from . import train as train_cmd
 from .errors import CliError
+from .models import check_model
 from .plot import plot_curves
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    train_cmd.add_arguments(p)
-    p.set_defaults(epochs=15, out=None)
-    p.add_argument("--models", nargs="+", default=["resnet20", "fa_resnet20"], help="models to train")
-    p.add_argument("--plot", default=None, help="curves PNG (default <out>/curves.png)")
+    train_cmd.add_arguments(p, compare=True)
+    p.add_argument("--models", nargs="+", default=["resnet20", "fa_resnet20"],
+                   help="models to train, one after the other (default: resnet20 fa_resnet20)")
+    p.add_argument("--plot", default=None, help="combined curves figure (default <out>/curves.png)")
+    p.epilog = ("The table's 'time s' column is each model's training time: the sum of its epochs "
+                "(training and test passes), without the one-off start-up (data, model, first imports).")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
         raise CliError("argument --resume: not supported by compare; resume the single runs with `fanet train`")
-    base = args.out or os.path.join("runs", f"compare-{args.dataset}")
-    results = []
+    # Everything up front: a typo in the last model must not cost the training of the first ones.
+    train_cmd.check_args(args, model=False)
     for name in args.models:
+        check_model(name, "--models")
+    dirs = [name.replace(":", ".") for name in args.models]
+    repeated = sorted({d for d in dirs if dirs.count(d) > 1})
+    if repeated:
+        raise CliError(f"argument --models: {', '.join(repeated)} given more than once (the runs share a folder)")
+    base = args.out or os.path.join("runs", f"compare-{args.dataset}")
+    checks.out_dir(base)
+    plot = None if args.no_plot else checks.figure_path(args.plot or os.path.join(base, "curves.png"), "--plot")
+    results = []
+    for name, folder in zip(args.models, dirs):
         sub = argparse.Namespace(**vars(args))
-        sub.model, sub.out = name, os.path.join(base, name.replace(":", "."))
-        t0 = time.perf_counter()
-        res = train_cmd.train(sub)
-        results.append((name, res, time.perf_counter() - t0))
+        sub.model, sub.out = name, os.path.join(base, folder)
+        results.append((name, train_cmd.train(sub)))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
-    plot = args.plot or os.path.join(base, "curves.png")
-    plot_curves([(name, res["history"]) for name, res, _ in results], plot,
-                title=f"{args.dataset}: {', '.join(args.models)}")
+    if plot:
+        plot_curves([(name, res["history"]) for name, res in results], plot,
+                    title=f"{args.dataset}: {', '.join(args.models)}")
     width = max(len(n) for n in args.models) + 2
     print(f"\n{'model':<{width}}{'params':>10}{'test err %':>12}{'best %':>9}{'train err %':>13}{'time s':>9}")
-    for name, res, secs in results:
+    for name, res in results:
         rec = res["record"]
         tested = [r["test_err"] for r in res["history"] if r.get("test_err") is not None]
+        secs = sum(r["epoch_time"] for r in res["history"])  # training only, not the start-up
         print(f"{name:<{width}}{res['config']['params']:>10,}{rec.get('test_err', float('nan')):>12.2f}"
               f"{min(tested) if tested else float('nan'):>9.2f}{rec.get('train_err', float('nan')):>13.2f}{secs:>9.1f}")
-    print(f"curves: {plot}")
+    if plot:
+        print(f"curves: {plot}")
     return 0

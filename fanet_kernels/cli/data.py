@@ -220,6 +220,14 @@ def default_image_size(name: str) -> int:
     return 64 if name == "tiny-imagenet" else 32
 
 
+def effective_image_size(name: str, requested: Optional[int] = None) -> int:
+    """The size of data set ``name``'s images: digits and CIFAR are 32x32 whatever ``requested``;
+    file images are resized to ``requested`` (default :func:`default_image_size`)."""
+    if name in ("digits", "cifar10", "cifar100"):
+        return 32
+    return requested or default_image_size(name)
+
+
 def default_pad(name: str) -> int:
     """The paper: 4-pixel pad for 32x32 inputs, 8 for Tiny ImageNet's 64x64."""
     return 8 if name == "tiny-imagenet" else 4
@@ -234,17 +242,15 @@ def load_dataset(name: str, root: Optional[str], image_size: Optional[int] = Non
     """(train, test, DataInfo) for data set ``name`` found at ``root``."""
     if name not in DATASETS:
         raise CliError(f"argument --dataset: unknown data set {name!r}; choose from {', '.join(DATASETS)}")
-    size = image_size or default_image_size(name)
+    size = effective_image_size(name, image_size)
     if name == "digits":
         train, test, classes = load_digits_32()
-        size = 32
     else:
         if not root:
             raise CliError(f"argument --data: data set {name!r} needs --data PATH, {LAYOUTS[name]}")
         root = os.path.expanduser(root)
         if name in ("cifar10", "cifar100"):
             train, test, classes = load_cifar(root, name)
-            size = 32
         elif name == "tiny-imagenet":
             train, test, classes = load_tiny_imagenet(root, size)
         else:

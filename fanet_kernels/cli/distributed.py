@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from . import checks
+
 
 @dataclass
 class Dist:
@@ -34,8 +36,7 @@ def setup(device_arg: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device_arg = checks.device(device_arg)
     if device_arg == "cuda":
         device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)

@@ -1,6 +1,15 @@
-"""The one exception type the command line turns into a one-line message and exit code 2."""
+"""The one exception type the command line turns into a one-line message and exit code 2, and the
+helper that turns other exceptions' messages into that one line."""
 from __future__ import annotations
 
 
 class CliError(Exception):
     """A user-facing error: bad flag, missing or corrupt data, unreadable checkpoint."""
+
+
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s message on one line (torch's load_state_dict puts the missing and unexpected keys
+    on the lines after its first), cut to ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    text = text.removeprefix("fanet: ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

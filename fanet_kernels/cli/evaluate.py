@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import checks, distributed
 from .data import DATASETS, prepare_batch
-from .errors import CliError
+from .errors import CliError, brief
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,8 +80,7 @@ def model_from_checkpoint(state: dict, path: str) -> torch.nn.Module:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise CliError(f"checkpoint {path} does not match model {cfg['model']!r}: "
-                       f"{str(exc).splitlines()[0]}") from None
+        raise CliError(f"checkpoint {path} does not match model {cfg['model']!r}: {brief(exc)}") from None
     return model
 
 
@@ -89,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .train import select_backend
 
-    select_backend(args.backend)
+    checks.at_least(args, 1, "batch_size", "max_steps")  # --max-steps 0 would report 0 images as numbers
+    checks.at_least(args, 0, "workers")
+    if args.json_out:
+        checks.out_file(args.json_out, "--json")
+    select_backend(args.backend, checks.device(args.device))
     state = ckpt.load(args.checkpoint)
     cfg = state.get("config", {})
     model = model_from_checkpoint(state, args.checkpoint)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import CliError
+from .errors import CliError, brief
 
 
 def zoo_names() -> list[str]:
@@ -33,27 +33,47 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def build_model(name: str, num_classes: int, tiny_imagenet: bool = False,
-                model_args: dict[str, Any] | None = None) -> torch.nn.Module:
-    model_args = dict(model_args or {})
+def check_model(name: str, what: str = "--model") -> None:
+    """A zoo name, or an importable ``package.module:function``; raises before any data work."""
+    _factory(name, what)
+
+
+def _factory(name: str, what: str = "--model") -> Any:
+    """The user's function for ``package.module:function``, else None (after checking the zoo name)."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise CliError(f"argument --model: cannot import {name!r} ({exc})") from None
-        if tiny_imagenet:
-            model_args.setdefault("tiny_imagenet", True)
-        return factory(num_classes=num_classes, **model_args)
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as exc:  # ValueError: an empty module name
+            raise CliError(f"argument {what}: cannot import {name!r} ({exc})") from None
     names = zoo_names()
     if not names:
-        raise CliError("argument --model: the model zoo (fanet_kernels.zoo) is not available")
+        raise CliError(f"argument {what}: the model zoo (fanet_kernels.zoo) is not available")
     if name not in names:
-        raise CliError(f"argument --model: unknown model {name!r}; choose from {', '.join(names)} "
+        raise CliError(f"argument {what}: unknown model {name!r}; choose from {', '.join(names)} "
                        f"or give package.module:function")
+    return None
+
+
+def build_model(name: str, num_classes: int, tiny_imagenet: bool = False,
+                model_args: dict[str, Any] | None = None) -> torch.nn.Module:
+    model_args = dict(model_args or {})
+    factory = _factory(name)
+    if factory is not None:
+        if tiny_imagenet:
+            model_args.setdefault("tiny_imagenet", True)
+        try:
+            model = factory(num_classes=num_classes, **model_args)
+        except Exception as exc:  # the user's own code: any failure is a bad --model or --model-arg
+            raise CliError(f"argument --model: {name}(num_classes={num_classes}, ...) failed: "
+                           f"{type(exc).__name__}: {brief(exc)}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise CliError(f"argument --model: {name} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
     from fanet_kernels import zoo
 
     try:
         return zoo.create_model(name, num_classes=num_classes, tiny_imagenet=tiny_imagenet, **model_args)
-    except TypeError as exc:
-        raise CliError(f"argument --model-arg: {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:  # the zoo's and the FA modules' argument checks
+        what = "--model-arg" if model_args else "--model"
+        raise CliError(f"argument {what}: {brief(exc)}") from None

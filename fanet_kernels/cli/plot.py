@@ -8,12 +8,14 @@ import json
 import os
 from typing import Optional
 
+from . import checks
 from .errors import CliError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("logs", nargs="+", help="log.json / log.csv files, or run folders holding them")
-    p.add_argument("--out", "-o", default="curves.png", help="PNG to write")
+    p.add_argument("--out", "-o", default="curves.png",
+                   help="figure to write (its suffix picks the format: .png, .pdf, .svg, ...; none: .png)")
     p.add_argument("--labels", nargs="+", help="legend labels, one per log (default: the model names)")
     p.add_argument("--title", help="figure title")
 
@@ -85,10 +87,11 @@ def plot_curves(runs: list[tuple[str, list[dict]]], out: str, title: Optional[st
 
 
 def run(args: argparse.Namespace) -> int:
+    out = checks.figure_path(args.out, "--out")
     runs = [read_log(p) for p in args.logs]
     if args.labels:
         if len(args.labels) != len(runs):
             raise CliError(f"argument --labels: {len(args.labels)} labels for {len(runs)} logs")
         runs = [(lab, recs) for lab, (_, recs) in zip(args.labels, runs)]
-    print(f"wrote {plot_curves(runs, args.out, args.title)}")
+    print(f"wrote {plot_curves(runs, out, args.title)}")
     return 0

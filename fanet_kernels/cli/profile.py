@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import checks
 from .errors import CliError
 from .models import build_model, zoo_names
 
@@ -17,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    checks.at_least(args, 1, "num_classes", "input_size")
     names = zoo_names()
     if not names:
         raise CliError("the model zoo (fanet_kernels.zoo) is not available")
@@ -26,9 +28,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in args.models if m not in names and ":" not in m]
     if unknown:
         raise CliError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(names)}")
-    if args.num_classes < 1:
-        raise CliError(f"argument --num-classes: must be >= 1, got {args.num_classes}")
-    size = args.input_size or (64 if args.tiny_imagenet else 32)
+    size = args.input_size if args.input_size is not None else (64 if args.tiny_imagenet else 32)
     from fanet_kernels import complexity
 
     # Zoo names go in as names (so the paper's figures are found); user models as (label, module).

@@ -24,20 +24,23 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 import fanet_kernels
 
 from . import checkpoint as ckpt
-from . import distributed
-from .data import DATASETS, default_flip, default_pad, load_dataset, prepare_batch
-from .errors import CliError
+from . import checks, distributed
+from .data import DATASETS, default_flip, default_pad, effective_image_size, load_dataset, prepare_batch
+from .errors import CliError, brief
 from .evaluate import autocast, evaluate
-from .models import build_model, parse_model_args
+from .models import build_model, check_model, parse_model_args
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "test_top5_err",
               "epoch_time", "images_per_s")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
+    """The training flags; ``compare`` for `fanet compare`, which takes --models instead of --model,
+    trains 15 epochs by default and writes one run per model under --out."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="fa_resnet20",
-                   help="zoo name (see `fanet profile --list`) or package.module:function")
+    if not compare:
+        g.add_argument("--model", default="fa_resnet20",
+                       help="zoo name (see `fanet profile --list`) or package.module:function")
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="extra keyword argument for the model constructor (repeatable)")
     g.add_argument("--dataset", default="digits", choices=DATASETS,
@@ -47,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tiny-imagenet", action=argparse.BooleanOptionalAction, default=None,
                    help="the paper's Tiny ImageNet model variant (default: on for --dataset tiny-imagenet)")
     g = p.add_argument_group("optimisation (paper defaults)")
-    g.add_argument("--epochs", type=int, default=240)
+    g.add_argument("--epochs", type=int, default=15 if compare else 240, help="(default %(default)s)")
     g.add_argument("--batch-size", type=int, default=128, help="per process")
     g.add_argument("--lr", type=float, default=0.1)
     g.add_argument("--momentum", type=float, default=0.9)
@@ -63,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random horizontal flip (default on; off for digits)")
     g.add_argument("--no-mean", action="store_true", help="skip the per-channel mean subtraction")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="output folder for logs and checkpoints (default runs/<model>-<dataset>)")
+    g.add_argument("--out", help="output folder; each model's run goes in <out>/<model> (default runs/compare-<dataset>)"
+                   if compare else "output folder for logs and checkpoints (default runs/<model>-<dataset>)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: <out>/checkpoint.pt)")
     g.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs (and at the end)")
@@ -79,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--threads", type=int, help="torch CPU threads per process")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--no-plot", action="store_true", help="do not write <out>/curves.png at the end")
+    g.add_argument("--no-plot", action="store_true", help="do not write curves PNGs at the end"
+                   if compare else "do not write <out>/curves.png at the end")
     g = p.add_argument_group("speed")
     g.add_argument("--backend", help="fanet_kernels backend: auto, reference, cpu, cuda, triton")
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU; --amp-dtype on GPU)")
@@ -88,27 +93,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
-def select_backend(name: Optional[str]) -> None:
-    if not name:
-        return
-    try:
+def select_backend(name: Optional[str], device: str) -> None:
+    """Set backend ``name`` (None: leave the setting) once it is known to run on ``device``."""
+    checks.backend(name, device)
+    if name:
         fanet_kernels.set_backend(name)
-    except (ValueError, RuntimeError) as exc:
-        raise CliError(f"argument --backend: {str(exc).removeprefix('fanet: ')}") from None
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "lr_step", "save_every", "eval_every"):
-        if getattr(args, name) < 1:
-            raise CliError(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    for name in ("stop_after", "max_steps", "max_eval_steps", "threads", "image_size", "crop"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CliError(f"argument --{name.replace('_', '-')}: must be >= 1, got {value}")
-    if args.pad is not None and args.pad < 0:
-        raise CliError(f"argument --pad: must be >= 0, got {args.pad}")
+def default_out(args: argparse.Namespace) -> str:
+    return args.out or os.path.join("runs", f"{args.model.replace(':', '.')}-{args.dataset}")
+
+
+def check_args(args: argparse.Namespace, *, model: bool = True) -> None:
+    """Every check that needs no data and no model (``model``: also --model's name, which
+    `fanet compare` checks for each of its --models)."""
+    checks.at_least(args, 1, "epochs", "batch_size", "lr_step", "save_every", "eval_every", "stop_after",
+                    "max_steps", "max_eval_steps", "threads", "image_size", "crop")
+    checks.finite(args, "lr", "momentum", "weight_decay", "lr_gamma")
+    checks.at_least(args, 0, "pad", "workers", "momentum", "weight_decay")
     if args.lr <= 0:
         raise CliError(f"argument --lr: must be > 0, got {args.lr}")
+    if args.nesterov and args.momentum == 0:
+        raise CliError("argument --nesterov: needs a momentum > 0 (--momentum 0 given)")
+    size = effective_image_size(args.dataset, args.image_size)
+    if args.crop is not None and args.crop > size:
+        raise CliError(f"argument --crop: must be <= the image size ({size}), got {args.crop}")
+    device = checks.device(args.device)
+    checks.backend(args.backend, device)
+    model_args = parse_model_args(args.model_arg)
+    if isinstance(model_args.get("backend"), str):
+        checks.backend(model_args["backend"], device, "--model-arg backend")
+    if model:
+        check_model(args.model)
+        checks.out_dir(default_out(args))
 
 
 def _seed_all(seed: int) -> None:
@@ -166,12 +183,13 @@ def run(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run training as ``args`` says; returns the final log record and the paths written."""
-    _check_args(args)
+    check_args(args)
     # Process-wide settings this run changes, restored at the end (main() may run in-process).
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.backends.cudnn.benchmark, fanet_kernels.backends.active_setting())
     try:
-        select_backend(args.backend)
+        if args.backend:  # checked by check_args
+            fanet_kernels.set_backend(args.backend)
         if args.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -188,7 +206,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _setup_and_train(args: argparse.Namespace) -> dict[str, Any]:
     model_args = parse_model_args(args.model_arg)
-    out = args.out or os.path.join("runs", f"{args.model.replace(':', '.')}-{args.dataset}")
+    out = default_out(args)
     resume_path = os.path.join(out, "checkpoint.pt") if args.resume == "auto" else args.resume
     resume_state = ckpt.load(resume_path) if resume_path else None
 
@@ -241,6 +259,13 @@ def _train(args, ctx, out, resume_path, resume_state, train_set, test_set, info,
             if rcfg.get(key) != config[key]:
                 raise CliError(f"argument --resume: checkpoint {resume_path} was trained with {key}="
                                f"{rcfg.get(key)!r}, this run has {config[key]!r}")
+        saved_args, new_args = rcfg.get("model_args") or {}, config["model_args"]
+        differ = sorted(k for k in set(saved_args) | set(new_args) if saved_args.get(k) != new_args.get(k))
+        if differ:  # a different architecture: its state_dict would not load (or worse, would)
+            def show(a: dict) -> str:
+                return ", ".join(f"{k}={a[k]!r}" if k in a else f"{k} unset" for k in differ)
+            raise CliError(f"argument --model-arg: checkpoint {resume_path} was trained with {show(saved_args)}, "
+                           f"this run has {show(new_args)}")
         try:
             model.load_state_dict(resume_state["model"])
             optimizer.load_state_dict(resume_state["optimizer"])
@@ -248,7 +273,7 @@ def _train(args, ctx, out, resume_path, resume_state, train_set, test_set, info,
             if "scaler" in resume_state and scaler.is_enabled():
                 scaler.load_state_dict(resume_state["scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise CliError(f"checkpoint {resume_path} cannot be resumed: {str(exc).splitlines()[0]}") from None
+            raise CliError(f"checkpoint {resume_path} cannot be resumed: {brief(exc)}") from None
         start_epoch = int(resume_state["epoch"])
         history = list(resume_state.get("history", []))
         rngs = resume_state.get("rng", [])
@@ -278,6 +303,10 @@ def _train(args, ctx, out, resume_path, resume_state, train_set, test_set, info,
                              sampler=distributed.ShardSampler(len(test_set), ctx.rank, ctx.world_size))
 
     if ctx.is_main:
+        held = [f for f in ("checkpoint.pt", "log.json") if os.path.isfile(os.path.join(out, f))]
+        if held and resume_state is None:  # a warning, not a refusal: the README's jobs stay re-runnable
+            print(f"fanet: warning: {out} already holds a run ({', '.join(held)}); overwriting it "
+                  f"(--resume continues it instead)", file=sys.stderr, flush=True)
         os.makedirs(out, exist_ok=True)
         if not args.quiet:
             print(f"fanet train: {args.model} ({config['params']:,} params) on {args.dataset} "
@@ -340,7 +369,12 @@ def _train(args, ctx, out, resume_path, resume_state, train_set, test_set, info,
         epochs_run += 1
         last = epoch + 1 == args.epochs
         stopping = last or (args.stop_after is not None and epochs_run >= args.stop_after)
-        if (epoch + 1) % args.save_every == 0 or stopping:
+        save = (epoch + 1) % args.save_every == 0 or stopping
+        # best.pt holds the epoch log.json calls best: the first with the lowest test error, written
+        # when it happens (whatever --save-every says); test_err is summed over ranks, so all agree.
+        earlier = [r["test_err"] for r in history[:-1] if r["test_err"] is not None]
+        best = record["test_err"] is not None and (not earlier or record["test_err"] < min(earlier))
+        if save or best:
             rngs = distributed.all_gather_object(ctx, ckpt.rng_state())  # every rank's, for exact resume
             if ctx.is_main:
                 state = {"config": config, "epoch": epoch + 1, "model": ckpt.unwrap(net).state_dict(),
@@ -348,9 +382,9 @@ def _train(args, ctx, out, resume_path, resume_state, train_set, test_set, info,
                          "history": history, "rng": rngs}
                 if scaler.is_enabled():
                     state["scaler"] = scaler.state_dict()
-                ckpt.save(os.path.join(out, "checkpoint.pt"), state)
-                tested = [r["test_err"] for r in history if r["test_err"] is not None]
-                if record["test_err"] is not None and record["test_err"] <= min(tested):
+                if save:
+                    ckpt.save(os.path.join(out, "checkpoint.pt"), state)
+                if best:
                     ckpt.save(os.path.join(out, "best.pt"), state)
         if ctx.is_main:
             _write_logs(out, config, history)
