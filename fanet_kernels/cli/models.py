@@ -64,7 +64,7 @@ def build_model(name: str, num_classes: int, tiny_imagenet: bool = False,
             model_args.setdefault("tiny_imagenet", True)
         try:
             model = factory(num_classes=num_classes, **model_args)
-        except Exception as exc:  # the user's own code: any failure is a bad --model or --model-arg
+        except (TypeError, ValueError) as exc:  # wrong arguments for it; a bug in it keeps its traceback
             raise CliError(f"argument --model: {name}(num_classes={num_classes}, ...) failed: "
                            f"{type(exc).__name__}: {brief(exc)}") from None
         if not isinstance(model, torch.nn.Module):
