@@ -4,8 +4,9 @@ Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++), ``cuda`` (C++/
 ``triton``; ``auto`` picks, per call, the fastest one available for the tensors' device.
 Select one globally with :func:`set_backend`, for a block of code with :func:`use_backend`,
 per module with its ``backend=`` argument, or with the environment variable ``FANET_BACKEND``.
-Inside torch.func transforms (grad, vmap, jvp, ...) ``auto`` picks ``reference``: those transforms
-cannot run the fused ops' autograd (C++ nodes, and torch.library formulas for Triton's).
+Inside torch.func's differentiating transforms (grad, vjp, jvp, jacrev, jacfwd, hessian) ``auto``
+picks ``reference``: they cannot run the fused ops' autograd (C++ nodes, and torch.library formulas
+for Triton's).  ``vmap`` alone runs the fused ops (one call per batch entry).
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 try:
-    from torch._C._functorch import peek_interpreter_stack
-except ImportError:  # a torch without functorch's C API: no transforms to detect
+    from torch._C._functorch import TransformType, peek_interpreter_stack
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    _AUTOGRAD_TRANSFORMS = (TransformType.Grad, TransformType.Jvp)  # vjp, jacrev, jacfwd, hessian: these
+except ImportError:  # a torch without functorch's API: no transforms to detect
     def peek_interpreter_stack() -> None:
         return None
 
@@ -50,8 +53,8 @@ class Backend:
     # True when the ops check their arguments themselves (the C++ ops, with the messages of
     # _validate): the Python-side checks are then skipped, saving ~8 us per call.
     checks_args: bool = False
-    # False when torch.func transforms (grad, vmap, jvp, ...) cannot run the ops' autograd (a C++
-    # node; a custom_op's register_autograd): inside a transform `auto` then picks the reference.
+    # False when torch.func's grad and jvp transforms cannot run the ops' autograd (a C++ node; a
+    # custom_op's register_autograd): inside one `auto` then picks the reference.  vmap can.
     func_transforms: bool = True
 
 
@@ -162,7 +165,7 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     """The Backend for a call: ``name`` (or the global setting) for tensors on ``device``."""
     name = _active if name is None else _check_name(name)
     dev = device.type
-    transformed = _in_func_transform()
+    transformed = _in_autograd_transform()
     if name == "auto":
         for candidate in AUTO_ORDER.get(dev, ("reference",)):
             backend = load(candidate)
@@ -176,16 +179,19 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
         raise ValueError(f"fanet: backend {name!r} does not run on {dev} tensors "
                          f"(it runs on: {', '.join(backend.devices)})")
     if transformed and not backend.func_transforms:
-        raise RuntimeError(f"fanet: backend {name!r} cannot run inside torch.func transforms (grad, vmap, jvp, "
-                           "functional_call under grad, ...): its ops' autograd does not support them; use backend "
-                           "'reference' or 'auto' there")
+        raise RuntimeError(f"fanet: backend {name!r} cannot run inside torch.func's grad, vjp, jvp, jacrev, "
+                           "jacfwd or hessian: its ops' autograd does not support them; use backend 'reference' or "
+                           "'auto' there")
     return backend
 
 
-def _in_func_transform() -> bool:
-    """Inside torch.func.grad / vmap / jvp / ... (0.1 us).  Under torch.compile the question is
-    left out: Dynamo traces the transforms itself."""
-    return not torch.compiler.is_compiling() and peek_interpreter_stack() is not None
+def _in_autograd_transform() -> bool:
+    """Inside a torch.func grad or jvp transform (0.1 us when in none).  Not asked under
+    torch.compile, where the interpreter stack is not empty even without transforms: a compiled
+    torch.func.grad over FA modules needs backend 'reference'."""
+    if torch.compiler.is_compiling() or peek_interpreter_stack() is None:
+        return False
+    return any(i.key() in _AUTOGRAD_TRANSFORMS for i in retrieve_all_functorch_interpreters())
 
 
 _warned_missing = False

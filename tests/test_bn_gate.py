@@ -554,21 +554,24 @@ def test_eval_without_running_stats_raises(namespace):
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if t.id.endswith("-cpu")])
-def test_inf_in_z_makes_statistics_nan_as_batch_norm(target):
+@pytest.mark.parametrize("where", [(0, 1, 2, 2), (1, 1, 0, 3)], ids=["at_shift", "elsewhere"])
+def test_inf_in_z_gives_statistics_as_batch_norm(target, where):
     """An inf in z: F.batch_norm's mean of that channel is inf and its variance NaN, which must
-    reach the output and running_var as NaN (clamping the variance at 0 would hide it)."""
+    reach the outputs and running stats as such (clamping the variance at 0 would hide it), also
+    where the inf is the value the moments are shifted by (z[0, c, H/2, W/2])."""
     backend, _ = target
     (x, z, k, w, b), (rm, rv) = make_inputs((2, 3, 4, 4), torch.float32, "contiguous")
-    z[0, 1, 2, 3] = float("inf")
+    z[where] = float("inf")
     runs = {}
     for name, fn in (("fused", lambda *a: ops.bn_residual_gate_pool(*a, training=True, backend=backend)),
                      ("reference", lambda *a: reference.bn_residual_gate_pool(*a, training=True))):
         stats = (rm.clone(), rv.clone())  # updated in place
         out, pooled = fn(x, z, k, w, b, *stats)
-        runs[name] = (out.isnan(), pooled.isnan(), stats[0].isnan() | stats[0].isinf(), stats[1].isnan())
+        runs[name] = [f(t) for t in (out, pooled, *stats) for f in (torch.isnan, torch.isinf)]
     for a, b_ in zip(runs["fused"], runs["reference"]):
         assert torch.equal(a, b_)
-    assert runs["fused"][3].tolist() == [False, True, False]
+    assert runs["fused"][5].tolist() == [False, True, False]  # running_mean inf
+    assert runs["fused"][6].tolist() == [False, True, False]  # running_var NaN
 
 
 # ---- the fold in the FA chains --------------------------------------------------------------

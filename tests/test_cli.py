@@ -81,8 +81,8 @@ def test_train_cifar_folder_zoo_model(tmp_path, cifar, capsys):
     log = json.loads((out / "log.json").read_text())
     assert log["epochs"][0]["epoch"] == 1 and log["epochs"][0]["test_err"] is not None
     assert (out / "log.csv").read_text().startswith("epoch,lr,train_loss")
-    assert main(["eval", str(out / "checkpoint.pt"), "--json", str(tmp_path / "e.json")]) == 0
-    assert 0 <= json.loads((tmp_path / "e.json").read_text())["err"] <= 100
+    assert main(["eval", str(out / "checkpoint.pt"), "--json", str(tmp_path / "new" / "e.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "new" / "e.json").read_text())["err"] <= 100
 
 
 def test_train_tiny_imagenet_folder(tmp_path, tiny_model):
@@ -226,6 +226,7 @@ def test_flag_mistakes_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
         (["train", "--momentum", "-1"], "--momentum"), (["train", "--weight-decay", "-1"], "--weight-decay"),
         (["train", "--nesterov", "--momentum", "0"], "--nesterov"), (["train", "--lr", "nan"], "--lr"),
         (["train", "--lr-gamma", "inf"], "--lr-gamma"), (["train", "--crop", "50"], "--crop"),
+        (["train", "--crop", "37", "--pad", "2"], "--crop"),  # the crop is taken from the padded image
         (["train", "--model", "no.such.module:f"], "--model"),
         (["eval", ckpt, "--batch-size", "0"], "--batch-size"), (["eval", ckpt, "--max-steps", "0"], "--max-steps"),
         (["eval", ckpt, "--max-steps", "-1"], "--max-steps"), (["eval", ckpt, "--json", str(tmp_path)], "--json"),
@@ -253,6 +254,16 @@ def test_model_construction_errors_exit_2(tmp_path, capsys):
     if _has_zoo():
         _main_error(capsys, ["train", "--model", "fa_resnet20", "--model-arg", "r1=0", *out], "--model-arg", "r1")
         _main_error(capsys, ["train", "--model", "fa_resnet20", "--model-arg", "r1=abc", *out], "--model-arg", "r1")
+
+
+def test_model_factory_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """A TypeError raised inside the user's own factory is a bug in it, not a bad flag: it is not
+    turned into a one-line error."""
+    (tmp_path / "cli_buggy_model.py").write_text(
+        "import torch.nn as nn\n\ndef buggy(num_classes=10):\n    return nn.Conv2d(3, 4, kernel=3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TypeError, match="kernel"):
+        main(["train", "--model", "cli_buggy_model:buggy", "--out", str(tmp_path / "run"), "--epochs", "1", *FAST])
 
 
 def test_missing_data_path_exit_2(tmp_path, capsys):

@@ -578,8 +578,14 @@ def test_func_transforms_run_the_reference(target):
     k = make_k(2, device=dev)
     g = torch.func.grad(lambda a: ops.gate(a, u, k).sum())(x)
     torch.testing.assert_close(g, (1 - k).view(-1, 1, 1, 1).expand_as(x))
-    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot run inside torch.func"):
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot run inside torch.func's grad"):
         torch.func.grad(lambda a: ops.gate(a, u, k, backend=backend).sum())(x)
+    # vmap alone runs the fused ops (ensembles of models): as the reference, batch entry by entry
+    xs = torch.stack([x, u])
+    with fk.use_backend(backend):
+        got = torch.func.vmap(lambda a: ops.gate_pool(a, u, k))(xs)
+    for g_, r_ in zip(got, torch.func.vmap(lambda a: reference.gate_pool(a, u, k))(xs)):
+        torch.testing.assert_close(g_, r_)
     gate = fk.FAGate(3, 1).to(dev)
     params = dict(gate.named_parameters())
     got = torch.func.grad(lambda p: torch.func.functional_call(gate, p, (x, u)).out.sum())(params)

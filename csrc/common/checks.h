@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <cctype>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -28,7 +29,12 @@ inline std::string dtype_str(at::ScalarType st) {
     case at::kBool: return "torch.bool";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(st);
+    case at::kComplexHalf: return "torch.complex32";
+    default: {  // the rest are Python's names lowercased: Float8_e4m3fn, UInt16, QInt8, ...
+      std::string name = c10::toString(st);
+      for (auto& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      return "torch." + name;
+    }
   }
 }
 

@@ -163,11 +163,13 @@ inline at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) { return t
 
 // (mean, biased var) of z per channel in the accumulation dtype, z non-empty.  The moments are taken
 // about K_c = z[0, c, H/2, W/2], a value of the channel (the centre, not a corner that padding may
-// make atypical), so sums of z - K_c stay near the spread where the mean is large against it.
+// make atypical), so sums of z - K_c stay near the spread where the mean is large against it; 0
+// where that value is not finite (an inf shift would make an inf mean NaN).
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z, at::MemoryFormat fmt) {
   const auto acc = acc_dtype(z.scalar_type());
-  const at::Tensor shift = acc_vector(z.select(0, 0).select(1, z.size(2) / 2).select(1, z.size(3) / 2), acc);
+  at::Tensor shift = acc_vector(z.select(0, 0).select(1, z.size(2) / 2).select(1, z.size(3) / 2), acc);
+  shift = at::where(at::isfinite(shift), shift, at::zeros_like(shift));
   at::Tensor mean = at::empty({z.size(1)}, z.options().dtype(acc)), var = at::empty_like(mean);
   Device::batch_stats(z, shift, fmt, mean, var);
   return {mean, var};

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import nullcontext
 from typing import Optional
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{cfg['model']} on {name} {args.split} ({result['count']} images, epoch {state.get('epoch')}): "
           f"top-1 error {result['err']:.2f}%  top-5 error {result['top5_err']:.2f}%  loss {result['loss']:.4f}")
     if args.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)
     sys.stdout.flush()

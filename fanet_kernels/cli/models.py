@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 from typing import Any
 
 import torch
@@ -62,11 +63,14 @@ def build_model(name: str, num_classes: int, tiny_imagenet: bool = False,
     if factory is not None:
         if tiny_imagenet:
             model_args.setdefault("tiny_imagenet", True)
-        try:
-            model = factory(num_classes=num_classes, **model_args)
-        except (TypeError, ValueError) as exc:  # wrong arguments for it; a bug in it keeps its traceback
-            raise CliError(f"argument --model: {name}(num_classes={num_classes}, ...) failed: "
-                           f"{type(exc).__name__}: {brief(exc)}") from None
+        try:  # arguments it does not take are a bad --model/--model-arg; a bug inside it keeps its traceback
+            inspect.signature(factory).bind(num_classes=num_classes, **model_args)
+        except TypeError as exc:
+            raise CliError(f"argument --model: {name} cannot be called with num_classes and the --model-arg "
+                           f"values {sorted(model_args)}: {exc}") from None
+        except ValueError:  # no signature to check (some builtins): the call itself will tell
+            pass
+        model = factory(num_classes=num_classes, **model_args)
         if not isinstance(model, torch.nn.Module):
             raise CliError(f"argument --model: {name} returned {type(model).__name__}, not a torch.nn.Module")
         return model

@@ -116,8 +116,9 @@ def check_args(args: argparse.Namespace, *, model: bool = True) -> None:
     if args.nesterov and args.momentum == 0:
         raise CliError("argument --nesterov: needs a momentum > 0 (--momentum 0 given)")
     size = effective_image_size(args.dataset, args.image_size)
-    if args.crop is not None and args.crop > size:
-        raise CliError(f"argument --crop: must be <= the image size ({size}), got {args.crop}")
+    pad = default_pad(args.dataset) if args.pad is None else args.pad
+    if args.crop is not None and args.crop > size + 2 * pad:  # the crop is taken from the padded image
+        raise CliError(f"argument --crop: must be <= the padded image size ({size} + 2 * {pad}), got {args.crop}")
     device = checks.device(args.device)
     checks.backend(args.backend, device)
     model_args = parse_model_args(args.model_arg)

@@ -144,8 +144,10 @@ def _batch_stats(z: torch.Tensor, fmt: torch.memory_format) -> tuple[torch.Tenso
     acc = _validate.acc_dtype(z.dtype)
     if z.numel() == 0:
         return (torch.zeros((c,), dtype=acc, device=z.device), torch.zeros((c,), dtype=acc, device=z.device))
-    # K_c = z[0, c, H//2, W//2]: a value of the channel, so sums of z - K_c stay near the spread.
-    shift = z[0, :, h // 2, w // 2].to(acc).contiguous()
+    # K_c = z[0, c, H//2, W//2]: a value of the channel, so sums of z - K_c stay near the spread
+    # (0 where it is not finite: an inf shift would make an inf mean NaN).
+    shift = z[0, :, h // 2, w // 2].to(acc)
+    shift = torch.where(shift.isfinite(), shift, 0).contiguous()
     # per (n, c) in the acc dtype, then over splits and the batch in float64 (a fixed order)
     s1, s2 = _channel_sums(_moments_kernel, 2, (z, shift), z, fmt).double().sum((0, 1))
     m = s1 / (n * h * w)

@@ -23,7 +23,7 @@ def _group(cin: int, widths, se_reduction: Optional[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for w in widths:
         layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-        if se_reduction:  # SE after every conv (the paper's SE-VGG-19 count, r = 16)
+        if se_reduction is not None:  # SE after every conv (the paper's SE-VGG-19 count, r = 16)
             layers.append(maybe_se(w, se_reduction))
         cin = w
     layers.append(nn.MaxPool2d(2))
