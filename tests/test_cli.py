@@ -227,6 +227,7 @@ def test_flag_mistakes_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
         (["train", "--nesterov", "--momentum", "0"], "--nesterov"), (["train", "--lr", "nan"], "--lr"),
         (["train", "--lr-gamma", "inf"], "--lr-gamma"), (["train", "--crop", "50"], "--crop"),
         (["train", "--crop", "37", "--pad", "2"], "--crop"),  # the crop is taken from the padded image
+        (["train", "--image-size", "64"], "--image-size"),  # digits are 32x32: it would be ignored
         (["train", "--model", "no.such.module:f"], "--model"),
         (["eval", ckpt, "--batch-size", "0"], "--batch-size"), (["eval", ckpt, "--max-steps", "0"], "--max-steps"),
         (["eval", ckpt, "--max-steps", "-1"], "--max-steps"), (["eval", ckpt, "--json", str(tmp_path)], "--json"),

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
     g.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="digits is built in (scikit-learn); the others read --data")
     g.add_argument("--data", help="folder of the data set (never downloaded)")
-    g.add_argument("--image-size", type=int, help="resize file images to this (default 32; 64 for tiny-imagenet)")
+    g.add_argument("--image-size", type=int, help="resize file images (imagefolder, tiny-imagenet) to this (default 32; 64 for tiny-imagenet)")
     g.add_argument("--tiny-imagenet", action=argparse.BooleanOptionalAction, default=None,
                    help="the paper's Tiny ImageNet model variant (default: on for --dataset tiny-imagenet)")
     g = p.add_argument_group("optimisation (paper defaults)")
@@ -116,6 +116,9 @@ def check_args(args: argparse.Namespace, *, model: bool = True) -> None:
     if args.nesterov and args.momentum == 0:
         raise CliError("argument --nesterov: needs a momentum > 0 (--momentum 0 given)")
     size = effective_image_size(args.dataset, args.image_size)
+    if args.image_size is not None and args.image_size != size:  # digits and CIFAR come as 32x32
+        raise CliError(f"argument --image-size: {args.dataset} images are {size}x{size}; --image-size resizes "
+                       f"file data sets (imagefolder, tiny-imagenet) only, got {args.image_size}")
     pad = default_pad(args.dataset) if args.pad is None else args.pad
     if args.crop is not None and args.crop > size + 2 * pad:  # the crop is taken from the padded image
         raise CliError(f"argument --crop: must be <= the padded image size ({size} + 2 * {pad}), got {args.crop}")
