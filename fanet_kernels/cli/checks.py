@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import CliError, brief
+from .errors import CliError
 
 
 def flag(name: str) -> str:
@@ -50,15 +50,14 @@ def backend(name: Any, device_type: str, what: str = "--backend") -> None:
     if name is None:
         return
     import fanet_kernels
+    from fanet_kernels import backends
 
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in fanet_kernels.backends.NAMES:
-        raise CliError(f"argument {what}: unknown backend {name!r}; choose from {', '.join(fanet_kernels.backends.NAMES)}")
     try:
-        with fanet_kernels.use_backend(key):  # not built here: the backends' own reason
-            pass
-    except (ValueError, RuntimeError) as exc:
-        raise CliError(f"argument {what}: {brief(exc)}") from None
+        key = backends._check_name(name)
+    except ValueError:
+        raise CliError(f"argument {what}: unknown backend {name!r}; choose from {', '.join(backends.NAMES)}") from None
+    if key != "auto" and backends.load(key) is None:  # not built here: the backend's own reason
+        raise CliError(f"argument {what}: backend {key!r} is not available: {backends.unavailable_reason(key)}")
     usable = fanet_kernels.available_backends(device_type)
     if key != "auto" and key not in usable:
         raise CliError(f"argument {what}: backend {key!r} does not run on {device_type} here; "
