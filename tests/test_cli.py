@@ -91,7 +91,8 @@ def test_train_tiny_imagenet_folder(tmp_path, tiny_model):
     assert main(["train", "--model", tiny_model, "--dataset", "tiny-imagenet", "--data", data,
                  "--epochs", "1", "--out", str(out), *FAST]) == 0
     cfg = _load(out / "checkpoint.pt")["config"]
-    assert (cfg["image_size"], cfg["pad"], cfg["crop"], cfg["tiny_imagenet"], cfg["num_classes"]) == (64, 8, 64, True, 2)
+    got = (cfg["image_size"], cfg["pad"], cfg["crop"], cfg["tiny_imagenet"], cfg["num_classes"])
+    assert got == (64, 8, 64, True, 2)
 
 
 @needs_zoo
@@ -247,6 +248,63 @@ def test_flag_mistakes_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
     if not torch.cuda.is_available():
         _main_error(capsys, ["train", "--device", "cuda"], "--device")
         _main_error(capsys, ["eval", ckpt, "--device", "cuda"], "--device")
+
+
+def test_flag_ranges_exit_2(tmp_path, capsys, monkeypatch):
+    """Values the optimiser, the RNGs or the augmentation cannot use, and flags that would be
+    ignored, each end with one line naming the flag, before any work."""
+    from fanet_kernels.cli import build_parser
+    from fanet_kernels.cli import checkpoint as ckpt
+    from fanet_kernels.cli.train import check_args
+
+    monkeypatch.chdir(tmp_path)
+    ckpt.save(str(tmp_path / "c.pt"), {"config": {"dataset": "digits"}, "model": {}})
+    for argv, flag in [
+        (["train", "--lr-gamma", "0"], "--lr-gamma"), (["train", "--lr-gamma", "-0.1"], "--lr-gamma"),
+        (["train", "--milestones", "0", "5"], "--milestones"), (["train", "--milestones", "20", "10"], "--milestones"),
+        (["train", "--milestones", "10", "10"], "--milestones"),
+        (["train", "--seed", "-1"], "--seed"), (["train", "--seed", str(2**32)], "--seed"),
+        (["train", "--seed", str(2**64)], "--seed"),
+        (["train", "--pad", "33"], "--pad"), (["train", "--dataset", "tiny-imagenet", "--pad", "65"], "--pad"),
+        (["train", "--amp-dtype", "bf16"], "--amp-dtype"),
+        (["train", "--data", str(tmp_path)], "--data"),
+        (["compare", "--data", str(tmp_path), "--models", "no_such_model"], "--data"),
+        (["eval", str(tmp_path / "c.pt"), "--data", str(tmp_path)], "--data"),
+    ]:  # (--model no_such_model: had a mistake been let through, no model would train)
+        _main_error(capsys, argv + ["--model", "no_such_model"] * (argv[0] == "train"), flag)
+    assert not (tmp_path / "runs").exists()
+    for ok in (["--seed", "0"], ["--seed", str(2**32 - 1)], ["--pad", "32"], ["--milestones", "1", "2"],
+               ["--amp", "--amp-dtype", "bf16"], ["--lr-gamma", "2"]):
+        check_args(build_parser().parse_args(["train", *ok]), model=False)
+
+
+def test_bad_flag_under_torchrun_is_reported_by_rank_0_only(tmp_path, capsys, monkeypatch):
+    import fanet_kernels.cli as cli
+
+    monkeypatch.setattr(cli, "FLAG_ERROR_GRACE_S", 0.0, raising=False)
+    error_file = tmp_path / "error.json"  # torchrun's per-process error file: its report shows it
+    for name, value in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", TORCHELASTIC_ERROR_FILE=str(error_file)).items():
+        monkeypatch.setenv(name, value)
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        code = main(["train", "--epochs", "0"])
+        err = capsys.readouterr().err
+        if rank == "1":  # quiet, and done before rank 0, so torchrun's report lists one failure
+            assert (code, err, error_file.exists()) == (0, "", False)
+        else:
+            assert code == 2 and err.strip().splitlines() == ["fanet: error: argument --epochs: must be >= 1, got 0"]
+            assert json.loads(error_file.read_text())["message"]["message"] == err.strip()
+
+
+def test_torchrun_bad_flag_prints_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fanet_kernels", "train", "--epochs", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode != 0
+    line = "fanet: error: argument --epochs: must be >= 1, got 0"
+    assert res.stderr.splitlines().count(line) == 1, res.stderr
+    assert f"traceback : {line}" in res.stderr and "rank      : 0 (local_rank: 0)" in res.stderr
 
 
 def test_model_construction_errors_exit_2(tmp_path, capsys):

@@ -172,3 +172,125 @@ def test_channel_mean_of_file_images(tmp_path):
     m = channel_mean(train)
     expect = torch.stack([train[i][0] for i in range(len(train))]).double().mean(dim=(0, 2, 3)) / 255
     assert m == pytest.approx(expect.tolist())
+
+
+class _RunsCode:
+    """A pickle payload that calls a function of its choosing when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cifar_files_are_read_without_running_code(tmp_path):
+    root = make_cifar(tmp_path / "c10")
+    marker = tmp_path / "code-ran"
+    with open(os.path.join(root, "data_batch_2"), "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "x": _RunsCode(marker)}, f)
+    with pytest.raises(CliError, match=r"data_batch_2 \(UnpicklingError: refused to load io.open") as e:
+        load_dataset("cifar10", root)
+    assert not marker.exists() and "\n" not in str(e.value)
+    make_cifar(root)
+    with open(os.path.join(root, "batches.meta"), "wb") as f:  # the meta file is read the same way
+        pickle.dump({"label_names": _RunsCode(marker)}, f)
+    with pytest.raises(CliError, match="batches.meta"):
+        load_dataset("cifar10", root)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickles_of_every_protocol_load(tmp_path, protocol):
+    """Python 2's CIFAR files (protocol 2), and numpy arrays in the later protocols."""
+    root = make_cifar(tmp_path / "c10")
+    x = np.arange(4 * 3072).reshape(4, 3072) % 256
+    d = {"data": x.astype(np.uint8), "labels": np.array([3, 1, 4, 1]), "batch_label": b"batch 1",
+         "filenames": ["a.png"] * 4}
+    with open(os.path.join(root, "test_batch"), "wb") as f:
+        pickle.dump(d, f, protocol=protocol)
+    _, test, _ = load_dataset("cifar10", root)
+    assert test.labels.tolist() == [3, 1, 4, 1]
+    assert torch.equal(test.images.reshape(4, -1), torch.from_numpy(x.astype(np.uint8)))
+
+
+def _labels(n):
+    return list(np.arange(n) % 10)
+
+
+@pytest.mark.parametrize("fname, entry, value, needle", [
+    ("data_batch_1", "labels", [0, 1, 2], "3 'labels' for 10 images"),
+    ("data_batch_1", "labels", [[0, 1]] * 5 + [[0]] * 5, "ragged"),
+    ("data_batch_1", "labels", ["cat"] * 10, "strings"),
+    ("data_batch_1", "labels", [0.5] * 10, "float64"),
+    ("data_batch_1", "labels", [[0]] * 10, "shape (10, 1)"),
+    ("data_batch_1", "labels", [10] * 10, "holds 10, outside the class indices 0..9"),
+    ("test_batch", "labels", [-1] * 6, "holds -1"),
+    ("data_batch_1", "data", np.full((10, 3072), 0.5), "float64"),
+    ("data_batch_1", "data", np.full((10, 3072), 300, np.int64), "300..300, outside the pixel range"),
+    ("data_batch_1", "data", np.zeros((10, 1024), np.uint8), "shape (10, 1024)"),
+    ("test_batch", "data", np.zeros((0, 3072), np.uint8), "6 'labels' for 0 images"),
+])
+def test_bad_cifar_content_one_line(tmp_path, fname, entry, value, needle):
+    root = make_cifar(tmp_path / "c10")
+    with open(os.path.join(root, fname), "rb") as f:
+        d = pickle.load(f)
+    d[entry] = value
+    with open(os.path.join(root, fname), "wb") as f:
+        pickle.dump(d, f)
+    with pytest.raises(CliError) as e:
+        load_dataset("cifar10", root)
+    msg = str(e.value)
+    assert fname in msg and needle in msg and "\n" not in msg, msg
+
+
+def test_empty_cifar_splits_refused(tmp_path):
+    root = make_cifar(tmp_path / "c10", n_test=0)
+    with pytest.raises(CliError, match="test_batch holds no images"):
+        load_dataset("cifar10", root)
+    root = make_cifar(tmp_path / "c10e", n_train=0)
+    with pytest.raises(CliError, match="data_batch_1, .*data_batch_5 hold no images"):
+        load_dataset("cifar10", root)
+
+
+def test_cifar_int_pixels_in_range_are_kept(tmp_path):
+    root = make_cifar(tmp_path / "c10")
+    x = (np.arange(6 * 3072).reshape(6, 3072) % 256).astype(np.int64)
+    with open(os.path.join(root, "test_batch"), "wb") as f:
+        pickle.dump({"data": x, "labels": [1, 2, 3, 4, 5, 6]}, f)
+    _, test, _ = load_dataset("cifar10", root)
+    assert torch.equal(test.images.reshape(6, -1).long(), torch.from_numpy(x))
+
+
+def test_imagefolder_empty_class_refused(tmp_path):
+    root = make_imagefolder(tmp_path / "if")
+    os.makedirs(os.path.join(root, "train", "emu"))
+    with pytest.raises(CliError, match="train/emu holds no images"):
+        load_dataset("imagefolder", root)
+
+
+def test_imagefolder_class_only_in_val_refused(tmp_path):
+    root = make_imagefolder(tmp_path / "if")
+    os.makedirs(os.path.join(root, "val", "emu"))
+    _jpeg(os.path.join(root, "val", "emu", "0.png"), 40, 1)
+    with pytest.raises(CliError, match="val/ has class folder.* emu that train/ does not have"):
+        load_dataset("imagefolder", root)
+
+
+def test_imagefolder_empty_val_class_warns(tmp_path, capsys):
+    root = make_imagefolder(tmp_path / "if")
+    for f in os.listdir(os.path.join(root, "val", "dog")):
+        os.remove(os.path.join(root, "val", "dog", f))
+    _, test, _ = load_dataset("imagefolder", root)
+    assert len(test) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "val/dog" in err[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs symlinks")
+def test_imagefolder_symlink_loop_refused(tmp_path):
+    root = make_imagefolder(tmp_path / "if")
+    os.symlink(os.path.join(root, "train", "cat"), os.path.join(root, "train", "cat", "again"))
+    with pytest.raises(CliError, match="train/cat/again is train/cat again") as e:
+        load_dataset("imagefolder", root)
+    assert "\n" not in str(e.value)

@@ -6,17 +6,24 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from typing import Optional, Sequence
 
-from .errors import CliError
+from .errors import CliError, FlagError
+
+# Under torchrun, how long rank 0 waits after reporting a flag mistake before it exits, so that
+# the other processes (which exit quietly) are gone first and torchrun reports one failure.
+FLAG_ERROR_GRACE_S = 1.0
 
 __all__ = ["main", "build_parser", "CliError"]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's default prints the usage block; we want one line
-        raise CliError(message)
+        raise FlagError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,17 +55,38 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+def _report(line: str, flag_error: bool = False) -> int:
+    """Print ``line`` on stderr and return exit code 2. Under torchrun the line also goes to the
+    worker's error file (torchrun's failure report then shows it instead of a pointer to its docs),
+    and a flag mistake, which every process finds alike, is reported by rank 0 alone: the other
+    processes exit quietly and successfully, so torchrun's report lists one failure, not one per
+    process (its own exit code is still non-zero, from rank 0)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if flag_error and world > 1 and rank != 0:
+        return 0
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {
+                    "py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass
+    print(line, file=sys.stderr, flush=True)
+    if flag_error and world > 1:
+        time.sleep(FLAG_ERROR_GRACE_S)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except CliError as exc:
-        print(f"fanet: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _report(f"fanet: error: {_one_line(exc)}", isinstance(exc, FlagError))
     except OSError as exc:  # unwritable output folder, full disk, ...
-        print(f"fanet: error: {exc}", file=sys.stderr)
-        return 2
+        return _report(f"fanet: error: {exc}")
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from . import checkpoint as ckpt
 from . import checks
 from .data import DATASETS, load_dataset, prepare_batch
-from .errors import CliError
+from .errors import CliError, FlagError
 from .evaluate import model_from_checkpoint
 
 
@@ -175,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = state["config"]
     model = model_from_checkpoint(state, args.checkpoint).eval()
     name = args.dataset or cfg.get("dataset", "digits")
+    if name == "digits" and args.data is not None:
+        raise FlagError("argument --data: the digits data set is built in and reads no --data")
     data_root = args.data if args.data is not None else (cfg.get("data") if name == cfg.get("dataset") else None)
     mean, classes = cfg["mean"], cfg.get("classes") or [str(i) for i in range(cfg["num_classes"])]
     if args.target is not None and args.target >= cfg["num_classes"]:

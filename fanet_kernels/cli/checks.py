@@ -1,5 +1,5 @@
 """Checks of the commands' flags, run before any data or model work: a mistake then costs no time
-and ends with one line naming the flag (a :class:`CliError`), never a traceback from deep inside."""
+and ends with one line naming the flag (a :class:`FlagError`), never a traceback from deep inside."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import CliError
+from .errors import FlagError
 
 
 def flag(name: str) -> str:
@@ -22,7 +22,15 @@ def at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and value < minimum:
-            raise CliError(f"argument {flag(name)}: must be >= {minimum}, got {value}")
+            raise FlagError(f"argument {flag(name)}: must be >= {minimum}, got {value}")
+
+
+def positive(args: argparse.Namespace, *names: str) -> None:
+    """Each flag in ``names`` is unset (None) or > 0."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise FlagError(f"argument {flag(name)}: must be > 0, got {value}")
 
 
 def finite(args: argparse.Namespace, *names: str) -> None:
@@ -30,7 +38,7 @@ def finite(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
-            raise CliError(f"argument {flag(name)}: must be a finite number, got {value}")
+            raise FlagError(f"argument {flag(name)}: must be a finite number, got {value}")
 
 
 def device(arg: str) -> str:
@@ -39,7 +47,7 @@ def device(arg: str) -> str:
     if arg == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if arg == "cuda" and not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
-        raise CliError("argument --device: cuda requested but no CUDA GPU is usable here "
+        raise FlagError("argument --device: cuda requested but no CUDA GPU is usable here "
                        "(torch.cuda.is_available() is False); use --device cpu")
     return arg
 
@@ -55,30 +63,30 @@ def backend(name: Any, device_type: str, what: str = "--backend") -> None:
     try:
         key = backends._check_name(name)
     except ValueError:
-        raise CliError(f"argument {what}: unknown backend {name!r}; choose from {', '.join(backends.NAMES)}") from None
+        raise FlagError(f"argument {what}: unknown backend {name!r}; choose from {', '.join(backends.NAMES)}") from None
     if key != "auto" and backends.load(key) is None:  # not built here: the backend's own reason
-        raise CliError(f"argument {what}: backend {key!r} is not available: {backends.unavailable_reason(key)}")
+        raise FlagError(f"argument {what}: backend {key!r} is not available: {backends.unavailable_reason(key)}")
     usable = fanet_kernels.available_backends(device_type)
     if key != "auto" and key not in usable:
-        raise CliError(f"argument {what}: backend {key!r} does not run on {device_type} here; "
+        raise FlagError(f"argument {what}: backend {key!r} does not run on {device_type} here; "
                        f"choose from auto, {', '.join(usable)}")
 
 
 def out_dir(path: str, what: str = "--out") -> None:
     """An output folder that can be created (or already is one)."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CliError(f"argument {what}: {path} exists and is not a directory")
+        raise FlagError(f"argument {what}: {path} exists and is not a directory")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise CliError(f"argument {what}: cannot create {path}: {parent} is not a directory")
+        raise FlagError(f"argument {what}: cannot create {path}: {parent} is not a directory")
 
 
 def out_file(path: str, what: str) -> None:
     """An output file whose folder can be created and that is not a folder itself."""
     if os.path.isdir(path):
-        raise CliError(f"argument {what}: {path} is a directory, expected a file name")
+        raise FlagError(f"argument {what}: {path} is a directory, expected a file name")
     out_dir(os.path.dirname(os.path.abspath(path)), what)
 
 
@@ -94,7 +102,7 @@ def figure_path(path: str, what: str) -> str:
         path = f"{path}.{suffix}"
     formats = FigureCanvasAgg.get_supported_filetypes()
     if suffix not in formats:
-        raise CliError(f"argument {what}: cannot write .{suffix} figures; use one of "
+        raise FlagError(f"argument {what}: cannot write .{suffix} figures; use one of "
                        f"{', '.join('.' + f for f in sorted(formats))}")
     out_file(path, what)
     return path

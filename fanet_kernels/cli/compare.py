@@ -7,7 +7,7 @@ import os
 
 from . import checks
 from . import train as train_cmd
-from .errors import CliError
+from .errors import FlagError
 from .models import check_model
 from .plot import plot_curves
 
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
-        raise CliError("argument --resume: not supported by compare; resume the single runs with `fanet train`")
+        raise FlagError("argument --resume: not supported by compare; resume the single runs with `fanet train`")
     # Everything up front: a typo in the last model must not cost the training of the first ones.
     train_cmd.check_args(args, model=False)
     for name in args.models:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     dirs = [name.replace(":", ".") for name in args.models]
     repeated = sorted({d for d in dirs if dirs.count(d) > 1})
     if repeated:
-        raise CliError(f"argument --models: {', '.join(repeated)} given more than once (the runs share a folder)")
+        raise FlagError(f"argument --models: {', '.join(repeated)} given more than once (the runs share a folder)")
     base = args.out or os.path.join("runs", f"compare-{args.dataset}")
     checks.out_dir(base)
     plot = None if args.no_plot else checks.figure_path(args.plot or os.path.join(base, "curves.png"), "--plot")

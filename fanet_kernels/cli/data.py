@@ -8,8 +8,10 @@ its seed and its checkpointed RNG state whatever the number of loader workers.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -87,51 +89,121 @@ def _missing(path: str, name: str, what: str) -> CliError:
     return CliError(f"{name} data at {path}: {what}; expected {LAYOUTS[name]}")
 
 
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """What pickled numpy arrays refer to, under the module names numpy 1 and 2 write."""
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's _reconstruct, wherever it lives
+    frombuffer = np.ndarray.__reduce_ex__(np.zeros(1), 5)[0]  # protocol 5's _frombuffer
+    scalar = np.float64(0).__reduce__()[0]
+    allowed: dict[tuple[str, str], object] = {}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    return allowed
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain values and numpy arrays only: CIFAR's files are pickles, and a plain
+    ``pickle.load`` runs whatever callable a crafted file names (``__reduce__``). numpy's array
+    constructors build arrays from bytes and run no code of the file's choosing; ``_codecs.encode``
+    is how protocol 0-2 pickles written by Python 3 store bytes."""
+
+    _allowed = _numpy_globals()
+    _allowed[("_codecs", "encode")] = codecs.encode
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a plain value or numpy array") from None
+
+
 def _unpickle(path: str, name: str, root: str) -> dict:
     if not os.path.isfile(path):
         raise _missing(root, name, f"missing file {os.path.basename(path)}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _SafeUnpickler(f, encoding="latin1").load()
     except Exception as exc:
-        raise _missing(root, name, f"cannot read {os.path.basename(path)} ({type(exc).__name__})") from None
+        detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, pickle.UnpicklingError) else type(exc).__name__
+        raise _missing(root, name, f"cannot read {os.path.basename(path)} ({detail[:200]})") from None
 
 
-def _cifar_split(root: str, name: str, files: Sequence[str], label_key: str) -> TensorImages:
+def _cifar_images(x, fname: str) -> np.ndarray:
+    """``data`` as uint8 (N, 3072) rows, or a one-line reason why not."""
+    try:
+        x = np.asarray(x)
+    except ValueError:  # numpy refuses ragged nested lists
+        raise ValueError(f"{fname}'s 'data' is ragged (rows of different lengths); expected N x 3072") from None
+    if x.dtype.kind not in "ui":  # float pixels (0..1 or 0..255), strings, objects: no safe cast
+        raise ValueError(f"{fname}'s 'data' is {x.dtype}; expected uint8 pixel values 0..255")
+    if x.ndim != 2 or x.shape[1] != 3072:
+        raise ValueError(f"{fname} holds data of shape {x.shape}, not N x 3072")
+    if x.size and (x.min() < 0 or x.max() > 255):  # int64 would wrap in a cast to uint8
+        raise ValueError(f"{fname}'s 'data' has values in {x.min()}..{x.max()}, outside the pixel range 0..255")
+    return x.astype(np.uint8, copy=False)
+
+
+def _cifar_labels(y, fname: str, key: str, n_images: int, n_classes: int) -> np.ndarray:
+    """``key`` as int64 class indices, one per image, or a one-line reason why not."""
+    try:
+        y = np.asarray(y)
+    except ValueError:  # numpy refuses ragged nested lists
+        raise ValueError(f"{fname}'s '{key}' is ragged (lists of different lengths); expected one class index "
+                         f"per image") from None
+    if y.ndim != 1:
+        raise ValueError(f"{fname}'s '{key}' has shape {y.shape}; expected one class index per image")
+    if len(y) != n_images:
+        raise ValueError(f"{fname} has {len(y)} '{key}' for {n_images} images")
+    if len(y) and y.dtype.kind not in "ui":
+        kind = "strings" if y.dtype.kind in "US" else f"{y.dtype} values"
+        raise ValueError(f"{fname}'s '{key}' are {kind}; expected integer class indices 0..{n_classes - 1}")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"{fname}'s '{key}' holds {y.min() if y.min() < 0 else y.max()}, outside the class "
+                         f"indices 0..{n_classes - 1}")
+    return y.astype(np.int64)
+
+
+def _cifar_split(root: str, name: str, files: Sequence[str], label_key: str, n_classes: int) -> TensorImages:
     data, labels = [], []
     for fname in files:
         d = _unpickle(os.path.join(root, fname), name, root)
         if not isinstance(d, dict) or "data" not in d or label_key not in d:
             raise _missing(root, name, f"{fname} has no 'data'/'{label_key}' entries")
-        x = np.asarray(d["data"], dtype=np.uint8)
-        if x.ndim != 2 or x.shape[1] != 3072 or len(d[label_key]) != len(x):
-            raise _missing(root, name, f"{fname} holds data of shape {x.shape}, not N x 3072")
-        data.append(x)
-        labels.extend(int(v) for v in d[label_key])
+        try:
+            x = _cifar_images(d["data"], fname)
+            data.append(x)
+            labels.append(_cifar_labels(d[label_key], fname, label_key, len(x), n_classes))
+        except ValueError as exc:
+            raise _missing(root, name, str(exc)) from None
+    if not sum(len(x) for x in data):  # an empty split would train on nothing or report 100% error
+        raise _missing(root, name, f"{', '.join(files)} hold{'s' if len(files) == 1 else ''} no images")
     images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
-    return TensorImages(images, torch.tensor(labels, dtype=torch.int64))
+    return TensorImages(images, torch.from_numpy(np.concatenate(labels)))
 
 
 def load_cifar(root: str, name: str) -> tuple[TensorImages, TensorImages, list[str]]:
     if not os.path.isdir(root):
         raise _missing(root, name, "no such directory")
     if name == "cifar10":
-        train = _cifar_split(root, name, [f"data_batch_{i}" for i in range(1, 6)], "labels")
-        test = _cifar_split(root, name, ["test_batch"], "labels")
-        meta_file, meta_key, n = "batches.meta", "label_names", 10
+        n = 10
+        train = _cifar_split(root, name, [f"data_batch_{i}" for i in range(1, 6)], "labels", n)
+        test = _cifar_split(root, name, ["test_batch"], "labels", n)
+        meta_file, meta_key = "batches.meta", "label_names"
     else:
-        train = _cifar_split(root, name, ["train"], "fine_labels")
-        test = _cifar_split(root, name, ["test"], "fine_labels")
-        meta_file, meta_key, n = "meta", "fine_label_names", 100
+        n = 100
+        train = _cifar_split(root, name, ["train"], "fine_labels", n)
+        test = _cifar_split(root, name, ["test"], "fine_labels", n)
+        meta_file, meta_key = "meta", "fine_label_names"
     classes = [str(i) for i in range(n)]
     meta_path = os.path.join(root, meta_file)
     if os.path.isfile(meta_path):
         meta = _unpickle(meta_path, name, root)
-        if isinstance(meta, dict) and len(meta.get(meta_key, [])) == n:
-            classes = [str(c) for c in meta[meta_key]]
-    for split in (train, test):
-        if len(split.labels) and (split.labels.min() < 0 or split.labels.max() >= n):
-            raise _missing(root, name, f"labels outside 0..{n - 1}")
+        names = meta.get(meta_key) if isinstance(meta, dict) else None
+        if isinstance(names, (list, tuple)) and len(names) == n:
+            classes = [c.decode("latin1") if isinstance(c, bytes) else str(c) for c in names]
     return train, test, classes
 
 
@@ -172,12 +244,25 @@ def load_tiny_imagenet(root: str, size: int) -> tuple[FileImages, FileImages, li
     return FileImages(train, size), FileImages(val, size), wnids
 
 
-def _folder_samples(folder: str, classes: list[str]) -> list[tuple[str, int]]:
-    samples = []
-    for i, cls in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(folder, cls), followlinks=True)):
-            samples += [(os.path.join(dirpath, f), i) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return samples
+def _class_images(root: str, folder: str) -> list[str]:
+    """The image files under ``folder`` (symlinks followed), sorted; a folder reached twice (a
+    symlink loop, or two links to one folder) is an error, not images counted again and again."""
+    name = "imagefolder"
+    seen: dict[str, str] = {}
+    images: list[str] = []
+
+    def walk_error(exc: OSError) -> None:
+        raise _missing(root, name, f"cannot read {os.path.relpath(exc.filename or folder, root)} ({exc.strerror})")
+
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True, onerror=walk_error):
+        dirnames.sort()
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            raise _missing(root, name, f"{os.path.relpath(dirpath, root)} is {os.path.relpath(seen[real], root)} "
+                                       f"again (a symlink loop or a repeated folder)")
+        seen[real] = dirpath
+        images += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return images
 
 
 def load_imagefolder(root: str, size: int) -> tuple[FileImages, FileImages, list[str]]:
@@ -188,12 +273,29 @@ def load_imagefolder(root: str, size: int) -> tuple[FileImages, FileImages, list
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
         raise _missing(root, name, "missing train/ or val/ folder")
+    split = os.path.basename(test_dir)
     classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
     if not classes:
         raise _missing(root, name, "train/ has no class folders")
-    train, test = _folder_samples(train_dir, classes), _folder_samples(test_dir, classes)
-    if not train or not test:
-        raise _missing(root, name, "no images found")
+    # A class only in val/ would be left out of the test error without a word; one with no training
+    # images would be a class the model is never shown.
+    extra = sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d)) and d not in classes)
+    if extra:
+        raise _missing(root, name, f"{split}/ has class folder(s) {', '.join(extra)} that train/ does not have")
+    train, test = [], []
+    for i, cls in enumerate(classes):
+        files = _class_images(root, os.path.join(train_dir, cls))
+        if not files:
+            raise _missing(root, name, f"train/{cls} holds no images")
+        train += [(f, i) for f in files]
+        folder = os.path.join(test_dir, cls)
+        files = _class_images(root, folder) if os.path.isdir(folder) else []
+        if not files:  # the test error is still that of the other classes' images: a warning
+            print(f"fanet: warning: imagefolder data at {root}: {split}/{cls} holds no images; "
+                  f"class {cls} is not in the test error", file=sys.stderr, flush=True)
+        test += [(f, i) for f in files]
+    if not test:
+        raise _missing(root, name, f"{split}/ holds no images")
     return FileImages(train, size), FileImages(test, size), classes
 
 

@@ -31,10 +31,19 @@ class Dist:
         return self.rank == 0
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun's environment gives it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device_arg: str = "auto") -> Dist:
     """Join torchrun's process group if its environment is set (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world = env_world_size()
+    rank = env_rank()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device_arg = checks.device(device_arg)
     if device_arg == "cuda":

@@ -1,10 +1,15 @@
-"""The one exception type the command line turns into a one-line message and exit code 2, and the
+"""The exception types the command line turns into a one-line message and exit code 2, and the
 helper that turns other exceptions' messages into that one line."""
 from __future__ import annotations
 
 
 class CliError(Exception):
     """A user-facing error: bad flag, missing or corrupt data, unreadable checkpoint."""
+
+
+class FlagError(CliError):
+    """A mistake in the command line itself, found before any data or model work: every process of
+    a torchrun job finds the same one, so only rank 0 reports it."""
 
 
 def brief(exc: BaseException, limit: int = 300) -> str:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint as ckpt
 from . import checks, distributed
 from .data import DATASETS, prepare_batch
-from .errors import CliError, brief
+from .errors import CliError, FlagError, brief
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     select_backend(args.backend, checks.device(args.device))
     state = ckpt.load(args.checkpoint)
     cfg = state.get("config", {})
-    model = model_from_checkpoint(state, args.checkpoint)
     name = args.dataset or cfg.get("dataset", "digits")
+    if name == "digits" and args.data is not None:
+        raise FlagError("argument --data: the digits data set is built in and reads no --data")
+    model = model_from_checkpoint(state, args.checkpoint)
     data_root = args.data if args.data is not None else (cfg.get("data") if name == cfg.get("dataset") else None)
     train_set, test_set, info = load_dataset(name, data_root, cfg.get("image_size"))
     if info.num_classes != cfg.get("num_classes"):

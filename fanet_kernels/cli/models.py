@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import CliError, brief
+from .errors import CliError, FlagError, brief
 
 
 def zoo_names() -> list[str]:
@@ -26,7 +26,7 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise CliError(f"argument --model-arg: expected KEY=VALUE, got {item!r}")
+            raise FlagError(f"argument --model-arg: expected KEY=VALUE, got {item!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -46,12 +46,12 @@ def _factory(name: str, what: str = "--model") -> Any:
         try:
             return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError, ValueError) as exc:  # ValueError: an empty module name
-            raise CliError(f"argument {what}: cannot import {name!r} ({exc})") from None
+            raise FlagError(f"argument {what}: cannot import {name!r} ({exc})") from None
     names = zoo_names()
     if not names:
-        raise CliError(f"argument {what}: the model zoo (fanet_kernels.zoo) is not available")
+        raise FlagError(f"argument {what}: the model zoo (fanet_kernels.zoo) is not available")
     if name not in names:
-        raise CliError(f"argument {what}: unknown model {name!r}; choose from {', '.join(names)} "
+        raise FlagError(f"argument {what}: unknown model {name!r}; choose from {', '.join(names)} "
                        f"or give package.module:function")
     return None
 

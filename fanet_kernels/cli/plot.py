@@ -9,6 +9,7 @@ import os
 from typing import Optional
 
 from . import checks
+from .checkpoint import open_committed
 from .errors import CliError
 
 
@@ -34,12 +35,12 @@ def read_log(path: str) -> tuple[str, list[dict]]:
     label = os.path.basename(os.path.dirname(os.path.abspath(path)))
     try:
         if path.endswith(".json"):
-            with open(path) as f:
+            with open_committed(path, "r") as f:
                 doc = json.load(f)
             records = doc["epochs"]
             label = doc.get("config", {}).get("model", label)
         else:
-            with open(path, newline="") as f:
+            with open_committed(path, "r", newline="") as f:
                 records = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
                            for row in csv.DictReader(f)]
         for r in records:

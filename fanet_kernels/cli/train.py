@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import fanet_kernels
 from . import checkpoint as ckpt
 from . import checks, distributed
 from .data import DATASETS, default_flip, default_pad, effective_image_size, load_dataset, prepare_batch
-from .errors import CliError, brief
+from .errors import CliError, FlagError, brief
 from .evaluate import autocast, evaluate
 from .models import build_model, check_model, parse_model_args
 
@@ -46,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
     g.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="digits is built in (scikit-learn); the others read --data")
     g.add_argument("--data", help="folder of the data set (never downloaded)")
-    g.add_argument("--image-size", type=int, help="resize file images (imagefolder, tiny-imagenet) to this (default 32; 64 for tiny-imagenet)")
+    g.add_argument("--image-size", type=int,
+                   help="resize file images (imagefolder, tiny-imagenet) to this (default 32; 64 for tiny-imagenet)")
     g.add_argument("--tiny-imagenet", action=argparse.BooleanOptionalAction, default=None,
                    help="the paper's Tiny ImageNet model variant (default: on for --dataset tiny-imagenet)")
     g = p.add_argument_group("optimisation (paper defaults)")
@@ -66,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
                    help="random horizontal flip (default on; off for digits)")
     g.add_argument("--no-mean", action="store_true", help="skip the per-channel mean subtraction")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="output folder; each model's run goes in <out>/<model> (default runs/compare-<dataset>)"
+    g.add_argument("--out", help="output folder; each model's run goes in <out>/<model> "
+                   "(default runs/compare-<dataset>)"
                    if compare else "output folder for logs and checkpoints (default runs/<model>-<dataset>)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: <out>/checkpoint.pt)")
@@ -77,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
     g.add_argument("--max-steps", type=int, help="at most this many training batches per epoch")
     g.add_argument("--max-eval-steps", type=int, help="at most this many test batches per evaluation")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="0..2**32-1 (numpy's range)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only (torch.use_deterministic_algorithms)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -111,17 +114,28 @@ def check_args(args: argparse.Namespace, *, model: bool = True) -> None:
                     "max_steps", "max_eval_steps", "threads", "image_size", "crop")
     checks.finite(args, "lr", "momentum", "weight_decay", "lr_gamma")
     checks.at_least(args, 0, "pad", "workers", "momentum", "weight_decay")
-    if args.lr <= 0:
-        raise CliError(f"argument --lr: must be > 0, got {args.lr}")
+    checks.positive(args, "lr", "lr_gamma")
     if args.nesterov and args.momentum == 0:
-        raise CliError("argument --nesterov: needs a momentum > 0 (--momentum 0 given)")
+        raise FlagError("argument --nesterov: needs a momentum > 0 (--momentum 0 given)")
+    steps = args.milestones or []
+    if steps and (steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:]))):  # MultiStepLR takes any
+        raise FlagError(f"argument --milestones: must be increasing epochs >= 1, got {' '.join(map(str, steps))}")
+    if not 0 <= args.seed < 2**32:  # numpy's seeds; torch's and Python's take these too
+        raise FlagError(f"argument --seed: must be in 0..{2**32 - 1}, got {args.seed}")
+    if args.amp_dtype is not None and not args.amp:
+        raise FlagError(f"argument --amp-dtype: only applies with --amp ({args.amp_dtype} given without it)")
+    if args.dataset == "digits" and args.data is not None:
+        raise FlagError("argument --data: the digits data set is built in and reads no --data; "
+                        "give --dataset cifar10, cifar100, tiny-imagenet or imagefolder with it")
     size = effective_image_size(args.dataset, args.image_size)
     if args.image_size is not None and args.image_size != size:  # digits and CIFAR come as 32x32
-        raise CliError(f"argument --image-size: {args.dataset} images are {size}x{size}; --image-size resizes "
-                       f"file data sets (imagefolder, tiny-imagenet) only, got {args.image_size}")
+        raise FlagError(f"argument --image-size: {args.dataset} images are {size}x{size}; --image-size resizes "
+                        f"file data sets (imagefolder, tiny-imagenet) only, got {args.image_size}")
     pad = default_pad(args.dataset) if args.pad is None else args.pad
+    if pad > size:  # a crop from such a padding can be all zeros
+        raise FlagError(f"argument --pad: must be <= the image size ({size}), got {pad}")
     if args.crop is not None and args.crop > size + 2 * pad:  # the crop is taken from the padded image
-        raise CliError(f"argument --crop: must be <= the padded image size ({size} + 2 * {pad}), got {args.crop}")
+        raise FlagError(f"argument --crop: must be <= the padded image size ({size} + 2 * {pad}), got {args.crop}")
     device = checks.device(args.device)
     checks.backend(args.backend, device)
     model_args = parse_model_args(args.model_arg)
@@ -133,8 +147,9 @@ def check_args(args: argparse.Namespace, *, model: bool = True) -> None:
 
 
 def _seed_all(seed: int) -> None:
+    seed %= 2**32  # --seed plus epoch and rank offsets: kept in numpy's range
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 
@@ -158,22 +173,17 @@ def state_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _write_logs(out: str, config: dict, history: list[dict], extra: Optional[dict] = None) -> None:
-    rows = [{k: r.get(k) for k in LOG_FIELDS} for r in history]
-    tmp = os.path.join(out, ".log.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, os.path.join(out, "log.csv"))
+def log_files(config: dict, history: list[dict], extra: Optional[dict] = None) -> dict[str, bytes]:
+    """log.csv and log.json's contents for ``history`` (for :func:`checkpoint.commit`)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows({k: r.get(k) for k in LOG_FIELDS} for r in history)
     tested = [r for r in history if r.get("test_err") is not None]
     best = min(tested, key=lambda r: r["test_err"]) if tested else None
     doc = {"config": config, "epochs": history,
            "best": {"epoch": best["epoch"], "test_err": best["test_err"]} if best else None, **(extra or {})}
-    tmp = os.path.join(out, ".log.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, os.path.join(out, "log.json"))
+    return {"log.csv": text.getvalue().encode(), "log.json": json.dumps(doc, indent=1).encode()}
 
 
 def _fmt(v: Optional[float], spec: str) -> str:
@@ -211,8 +221,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def _setup_and_train(args: argparse.Namespace) -> dict[str, Any]:
     model_args = parse_model_args(args.model_arg)
     out = default_out(args)
+    if distributed.env_rank() == 0:  # finish or drop an update a kill interrupted, before reading or writing
+        ckpt.recover(out)
     resume_path = os.path.join(out, "checkpoint.pt") if args.resume == "auto" else args.resume
     resume_state = ckpt.load(resume_path) if resume_path else None
+    if resume_state is not None:
+        ckpt.check_resumable(resume_state, resume_path)
 
     train_set, test_set, info = load_dataset(args.dataset, args.data, args.image_size)
     tiny = args.tiny_imagenet if args.tiny_imagenet is not None else args.dataset == "tiny-imagenet"
@@ -278,12 +292,16 @@ def _train(args, ctx, out, resume_path, resume_state, train_set, test_set, info,
                 scaler.load_state_dict(resume_state["scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CliError(f"checkpoint {resume_path} cannot be resumed: {brief(exc)}") from None
-        start_epoch = int(resume_state["epoch"])
-        history = list(resume_state.get("history", []))
-        rngs = resume_state.get("rng", [])
+        start_epoch = resume_state["epoch"]  # resume_state passed ckpt.check_resumable
+        history = list(resume_state["history"])
+        rngs = resume_state["rng"]
         if len(rngs) == ctx.world_size:
             ckpt.set_rng_state(rngs[ctx.rank])
         else:  # a different number of processes: the data order cannot continue exactly
+            if ctx.is_main:
+                print(f"fanet: warning: checkpoint {resume_path} was written by {len(rngs)} process(es), this run has "
+                      f"{ctx.world_size}: training continues with fresh random draws, not exactly as before",
+                      file=sys.stderr, flush=True)
             _seed_all(args.seed + 1000 * start_epoch + ctx.rank)
     else:
         _seed_all(args.seed + ctx.rank)  # different augmentation draws per rank
@@ -373,25 +391,22 @@ def _train(args, ctx, out, resume_path, resume_state, train_set, test_set, info,
         epochs_run += 1
         last = epoch + 1 == args.epochs
         stopping = last or (args.stop_after is not None and epochs_run >= args.stop_after)
-        save = (epoch + 1) % args.save_every == 0 or stopping
         # best.pt holds the epoch log.json calls best: the first with the lowest test error, written
         # when it happens (whatever --save-every says); test_err is summed over ranks, so all agree.
+        # checkpoint.pt is written with it, so a resume never starts before the epoch best.pt holds.
         earlier = [r["test_err"] for r in history[:-1] if r["test_err"] is not None]
         best = record["test_err"] is not None and (not earlier or record["test_err"] < min(earlier))
-        if save or best:
+        save = (epoch + 1) % args.save_every == 0 or stopping or best
+        state, names = None, ["checkpoint.pt"] * save + ["best.pt"] * best
+        if names:
             rngs = distributed.all_gather_object(ctx, ckpt.rng_state())  # every rank's, for exact resume
-            if ctx.is_main:
-                state = {"config": config, "epoch": epoch + 1, "model": ckpt.unwrap(net).state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "history": history, "rng": rngs}
-                if scaler.is_enabled():
-                    state["scaler"] = scaler.state_dict()
-                if save:
-                    ckpt.save(os.path.join(out, "checkpoint.pt"), state)
-                if best:
-                    ckpt.save(os.path.join(out, "best.pt"), state)
-        if ctx.is_main:
-            _write_logs(out, config, history)
+            state = {"config": config, "epoch": epoch + 1, "model": ckpt.unwrap(net).state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "history": history, "rng": rngs}
+            if scaler.is_enabled():
+                state["scaler"] = scaler.state_dict()
+        if ctx.is_main:  # the checkpoints and the logs change together, or not at all (a kill, a full disk)
+            ckpt.commit(out, log_files(config, history), state, names)
             if not args.quiet:
                 print(f"epoch {epoch + 1:3d}/{args.epochs}  lr {lr:.4g}  "
                       f"train loss {record['train_loss']:.4f} err {record['train_err']:6.2f}%  "
@@ -402,7 +417,7 @@ def _train(args, ctx, out, resume_path, resume_state, train_set, test_set, info,
     if ctx.enabled:  # DDP keeps replicas equal; check it, and record the evidence in the log
         hashes = distributed.all_gather_object(ctx, state_hash(ckpt.unwrap(net)))
         if ctx.is_main:
-            _write_logs(out, config, history, {"rank_state_sha256": hashes})
+            ckpt.commit(out, log_files(config, history, {"rank_state_sha256": hashes}))
             if len(set(hashes)) != 1:
                 print("fanet: warning: the ranks' weights differ at the end of training", file=sys.stderr)
     if ctx.is_main and history and not args.no_plot:
