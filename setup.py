@@ -4,7 +4,10 @@ Environment flags (in the style of flash-attention's setup.py):
   FANET_CUDA=auto|0|1     auto (default): build the CUDA sources when nvcc is found and the
                           installed torch was built with CUDA; 1: require it; 0: skip it.
                           Decided without torch.cuda.is_available(): a GPU is not needed to build.
-  TORCH_CUDA_ARCH_LIST    CUDA architectures; default "8.0;9.0+PTX" (sm_80, sm_90 and PTX).
+  TORCH_CUDA_ARCH_LIST    CUDA architectures; default "7.5;8.0;9.0+PTX": machine code for sm_75 (T4),
+                          sm_80 (A100, and sm_86/sm_89 GPUs) and sm_90 (H100/H200), and sm_90's PTX,
+                          which the driver compiles for newer GPUs.  The extension records the list
+                          (fanet_kernels._C.cuda_archs()); backend 'cuda' refuses a GPU it does not cover.
   FANET_CPU_ISA=auto|avx512bf16|avx512|avx2|generic
                           SIMD width of the CPU kernels; auto picks what this machine's CPU has
                           (avx512bf16: AVX-512 with the BF16 conversion instructions).
@@ -14,10 +17,12 @@ Environment flags (in the style of flash-attention's setup.py):
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import platform
 import shutil
 import sys
+import time
 
 from setuptools import find_packages, setup
 
@@ -60,6 +65,31 @@ CPU_ISA_FLAGS = {
 }
 
 
+def _cuda_arch_module():
+    """fanet_kernels/cuda_arch.py, loaded alone: importing the package would import the extension."""
+    path = os.path.join(ROOT, "fanet_kernels", "cuda_arch.py")
+    spec = importlib.util.spec_from_file_location("_fanet_cuda_arch", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _built_archs(cpp_extension, cuda_arch) -> str:
+    """The arch list nvcc is given, as "7.5:8.0:9.0+PTX" (colons: the compile definition passes
+    through the shell, ninja and nvcc, which splits -D values at commas); "" if unknown."""
+    try:  # torch's own -gencode flags for TORCH_CUDA_ARCH_LIST (named arches expanded)
+        archs = cuda_arch.from_gencode_flags(cpp_extension._get_cuda_arch_flags())
+    except AttributeError:  # a torch without the helper
+        archs = ()
+    if not archs:
+        try:
+            archs = cuda_arch.parse_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+        except ValueError:
+            return ""
+    return cuda_arch.format_arch_list(archs, ":")
+
+
 def _want_cuda(torch_mod) -> bool:
     from torch.utils import cpp_extension
 
@@ -92,16 +122,25 @@ def _extensions():
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` (torch's OpenMP backend);
     # without it every CPU kernel runs on one thread.  torch ships libgomp.so.1, which the
     # extension then shares.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DFANET_PYTHON_MODULE", "-Wall", "-Wno-unused-function",
-           "-Wno-unknown-pragmas"] + CPU_ISA_FLAGS[isa]
+    # -ffp-contract=off: GCC would fuse a * b + c into one FMA where -mfma allows (its default outside
+    # ISO C), nvcc does where --fmad=false does not forbid it: both devices round every operation
+    # as written, and fuse only where fa_math.h asks (Lane::fmadd), so their element-wise results agree.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DFANET_PYTHON_MODULE", "-Wall",
+           "-Wno-unused-function", "-Wno-unknown-pragmas"] + CPU_ISA_FLAGS[isa]
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        cuda_arch = _cuda_arch_module()
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch.DEFAULT_ARCH_LIST)
+        archs = _built_archs(cpp_extension, cuda_arch)
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         nvcc = ["-O3", "-std=c++20", "-DFANET_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
+                "--fmad=false", "-Xcompiler=-ffp-contract=off",  # no contraction, as in the CPU build
                 # host-side warnings of the .cu files too (.ci/cuda_check.sh fails on ours)
                 "-Xcompiler=-Wall"]
+        if archs:
+            nvcc.append(f"-DFANET_CUDA_ARCHS={archs}")
+            cxx.append(f"-DFANET_CUDA_ARCHS={archs}")
         if _env("FANET_PTXAS_VERBOSE", "0") == "1":
             nvcc.append("-Xptxas=-v")
         extra["nvcc"] = nvcc
@@ -114,13 +153,37 @@ def _extensions():
                     include_dirs=[os.path.join(ROOT, "csrc")])], cpp_extension.BuildExtension
 
 
+def _timed(build_ext):
+    """build_ext that prints the wall time of each extension and, from ninja's log, of each source
+    (CI reports the CUDA compile time from the line of csrc/cuda/fa_cuda.cu)."""
+
+    class TimedBuild(build_ext):
+        def build_extension(self, ext):
+            start = time.time()
+            super().build_extension(ext)
+            print(f"fanet_kernels: built {ext.name} in {time.time() - start:.0f} s", file=sys.stderr)
+            took: dict[str, float] = {}  # object -> seconds, its last entry (the log is appended to)
+            for log in glob.glob(os.path.join(self.build_temp, "**", ".ninja_log"), recursive=True):
+                with open(log) as f:
+                    for line in f:
+                        begin_ms, end_ms, _, obj, *rest = line.rstrip("\n").split("\t") + [""] * 4
+                        if begin_ms.isdigit() and end_ms.isdigit():
+                            took[os.path.join(os.path.dirname(log), obj)] = (int(end_ms) - int(begin_ms)) / 1000
+            for path, seconds in took.items():
+                if os.path.exists(path) and os.path.getmtime(path) >= start - 1:  # compiled by this build
+                    print(f"fanet_kernels: compiled {os.path.relpath(path, self.build_temp)} in {seconds:.0f} s",
+                          file=sys.stderr)
+
+    return TimedBuild
+
+
 def main() -> None:
     ext_modules, build_ext = _extensions()
     setup(
         packages=find_packages(include=["fanet_kernels", "fanet_kernels.*"]),
         package_data={"fanet_kernels": ["py.typed"]},  # the inline type hints are public (PEP 561)
         ext_modules=ext_modules,
-        cmdclass={"build_ext": build_ext.with_options(use_ninja=shutil.which("ninja") is not None)},
+        cmdclass={"build_ext": _timed(build_ext.with_options(use_ninja=shutil.which("ninja") is not None))},
     )
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Checks a CUDA build of fanet_kernels._C that no GPU can run here (issue 4):
+# Checks a CUDA build of fanet_kernels._C that no GPU can run here:
 #   1. no compiler warning comes from the project's own sources (csrc/...);
-#   2. ptxas's register/spill report of every kernel is written to a file, and no kernel spills;
-#   3. the extension holds sm_80 and sm_90 machine code (cuobjdump --list-elf).
+#   2. ptxas's register/spill report of every kernel is written to a file, it covers sm_75, sm_80
+#      and sm_90, and no kernel spills;
+#   3. the extension holds sm_75, sm_80 and sm_90 machine code (cuobjdump --list-elf) and sm_90's
+#      PTX (cuobjdump --list-ptx), which newer GPUs compile: the default TORCH_CUDA_ARCH_LIST.
 #
 # Usage: .ci/cuda_check.sh <path to _C*.so> <build log> [report file]
 #   The build log is the full output of a build run with FANET_CUDA=1 FANET_PTXAS_VERBOSE=1
@@ -68,10 +70,14 @@ if [[ -n "$spills" ]]; then
   echo "$spills" >&2
   fail "kernels spill registers to local memory (above; full report in $REPORT)"
 fi
+for arch in sm_75 sm_80 sm_90; do
+  awk -F'\t' -v a="$arch" 'NR > 1 && $1 == a { found = 1 } END { exit !found }' "$REPORT" \
+    || fail "no ptxas report for $arch in '$LOG' (was it built for TORCH_CUDA_ARCH_LIST=\"7.5;8.0;9.0+PTX\"?)"
+done
 max_regs=$(awk -F'\t' 'NR > 1 && $2 > m { m = $2 } END { print m + 0 }' "$REPORT")
-echo "cuda_check: $kernels kernel builds, none spills, at most $max_regs registers: $REPORT"
+echo "cuda_check: $kernels kernel builds (sm_75, sm_80, sm_90), none spills, at most $max_regs registers: $REPORT"
 
-# ---- 3. machine code for sm_80 and sm_90 -------------------------------------------------
+# ---- 3. machine code for sm_75, sm_80 and sm_90, PTX for sm_90 -----------------------------
 find_cuobjdump() {
   if [[ -n "${CUOBJDUMP:-}" ]]; then echo "$CUOBJDUMP"; return; fi
   if command -v cuobjdump >/dev/null; then command -v cuobjdump; return; fi
@@ -99,7 +105,10 @@ CUOBJDUMP_BIN="$(find_cuobjdump || true)"
 [[ -n "$CUOBJDUMP_BIN" ]] || fail "cuobjdump not found (pip install nvidia-cuda-cuobjdump, or set CUOBJDUMP)"
 elfs="$("$CUOBJDUMP_BIN" --list-elf "$SO")" || fail "cuobjdump --list-elf '$SO' failed"
 echo "$elfs"
-for arch in sm_80 sm_90; do
-  grep -q "\.${arch}\.cubin" <<<"$elfs" || fail "no $arch code in $SO"
+for arch in sm_75 sm_80 sm_90; do
+  grep -q "\.${arch}\.cubin" <<<"$elfs" || fail "no $arch machine code in $SO"
 done
-echo "cuda_check: OK ($SO has sm_80 and sm_90 code)"
+ptxs="$("$CUOBJDUMP_BIN" --list-ptx "$SO")" || fail "cuobjdump --list-ptx '$SO' failed"
+echo "$ptxs"
+grep -q "\.sm_90\.ptx" <<<"$ptxs" || fail "no sm_90 PTX in $SO: GPUs newer than sm_90 could not run it"
+echo "cuda_check: OK ($SO has sm_75, sm_80 and sm_90 machine code and sm_90 PTX)"

@@ -7,11 +7,29 @@
 #ifdef FANET_PYTHON_MODULE
 #include <Python.h>
 
+#include "common/build_info.h"
+
+namespace {
+PyObject* cuda_archs(PyObject*, PyObject*) {
+#ifdef FANET_WITH_CUDA
+  return PyUnicode_FromString(fanet::cuda_archs().c_str());
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cuda_archs", cuda_archs, METH_NOARGS,
+     "The CUDA architectures the kernels were built for, as in TORCH_CUDA_ARCH_LIST (\"7.5;8.0;9.0+PTX\"); "
+     "\"\" if the build did not record them; None without CUDA kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 // `import fanet_kernels._C` loads this library, which runs the registrations below.
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "fanet_kernels compiled ops (see torch.ops.fanet)", -1, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "fanet_kernels compiled ops (see torch.ops.fanet)", -1, methods};
   return PyModule_Create(&module_def);
 }
 }

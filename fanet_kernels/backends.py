@@ -2,8 +2,9 @@
 
 Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++), ``cuda`` (C++/CUDA),
 ``triton``; ``auto`` picks, per call, the fastest one available for the tensors' device.
-Select one globally with :func:`set_backend`, for a block of code with :func:`use_backend`,
-per module with its ``backend=`` argument, or with the environment variable ``FANET_BACKEND``.
+Select one for the process with :func:`set_backend` or the environment variable ``FANET_BACKEND``,
+for a block of code in the current thread with :func:`use_backend` (thread-local, as
+``torch.no_grad``), or per module with its ``backend=`` argument.
 Inside torch.func's differentiating transforms (grad, vjp, jvp, jacrev, jacfwd, hessian) ``auto``
 picks ``reference``: they cannot run the fused ops' autograd (C++ nodes, and torch.library formulas
 for Triton's).  ``vmap`` alone runs the fused ops (one call per batch entry).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -56,6 +58,9 @@ class Backend:
     # False when torch.func's grad and jvp transforms cannot run the ops' autograd (a C++ node; a
     # custom_op's register_autograd): inside one `auto` then picks the reference.  vmap can.
     func_transforms: bool = True
+    # device -> None where the backend runs on that device, else why not (the cuda backend on a GPU
+    # its build carries no code for): ``auto`` passes such a device on, naming the backend raises.
+    device_check: Optional[Callable[[torch.device], Optional[str]]] = None
 
 
 # name -> module that defines BACKEND (imported on first use, so `import fanet_kernels` stays
@@ -79,6 +84,9 @@ def _read_env() -> str:
 
 
 _active: str = _read_env()
+# use_backend's overrides: per thread, so that threads entering and leaving it in any order each
+# see their own block's setting and leave the process setting as it was.
+_thread = threading.local()
 
 
 def _check_name(name: str, what: str = "backend") -> str:
@@ -124,13 +132,18 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 
 def set_backend(name: str) -> None:
-    """Use backend ``name`` for every op call that does not name its own.  The setting is
-    process-wide (every thread sees it), unlike ``torch.no_grad`` or ``torch.autocast``."""
+    """Use backend ``name`` for every op call that does not name its own, in every thread (a
+    :func:`use_backend` block still overrides it in its own thread)."""
     global _active
+    _active = _settable(name)
+
+
+def _settable(name: str) -> str:
+    """``name`` normalized, if it is ``auto`` or a backend that can run here."""
     name = _check_name(name, "name")
     if name != "auto" and load(name) is None:
         raise RuntimeError(f"fanet: backend {name!r} is not available: {unavailable_reason(name)}")
-    _active = name
+    return name
 
 
 def get_backend(device: torch.device | str = "cpu") -> str:
@@ -139,37 +152,45 @@ def get_backend(device: torch.device | str = "cpu") -> str:
 
 
 def active_setting() -> str:
-    """The global setting, possibly ``auto``."""
-    return _active
+    """The setting op calls of this thread use now (its innermost use_backend, else the process
+    setting), possibly ``auto``."""
+    return _current()
+
+
+def _current() -> str:
+    return getattr(_thread, "override", None) or _active
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """``with use_backend("reference"): ...`` runs the block with that backend."""
-    global _active
-    previous = _active
-    set_backend(name)
+    """``with use_backend("reference"): ...`` runs the block with that backend.  Thread-local, as
+    ``torch.no_grad``: other threads, including threads the block starts, keep their setting."""
+    name = _settable(name)
+    previous = getattr(_thread, "override", None)
+    _thread.override = name
     try:
         yield
     finally:
-        _active = previous
+        _thread.override = previous
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on tensors of ``device`` here."""
-    dev = torch.device(device).type
-    return [n for n in NAMES[1:] if (b := load(n)) is not None and dev in b.devices]
+    device = torch.device(device)
+    return [n for n in NAMES[1:] if (b := load(n)) is not None and device.type in b.devices
+            and (b.device_check is None or b.device_check(device) is None)]
 
 
 def resolve(name: Optional[str], device: torch.device) -> Backend:
     """The Backend for a call: ``name`` (or the global setting) for tensors on ``device``."""
-    name = _active if name is None else _check_name(name)
+    name = _current() if name is None else _check_name(name)
     dev = device.type
     transformed = _in_autograd_transform()
     if name == "auto":
         for candidate in AUTO_ORDER.get(dev, ("reference",)):
             backend = load(candidate)
-            if backend is not None and dev in backend.devices and (backend.func_transforms or not transformed):
+            if backend is not None and dev in backend.devices and (backend.func_transforms or not transformed) \
+                    and (backend.device_check is None or backend.device_check(device) is None):
                 return backend
         raise RuntimeError(f"fanet: no backend can run on device {device}")  # reference always can
     backend = load(name)
@@ -178,6 +199,8 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     if dev not in backend.devices:
         raise ValueError(f"fanet: backend {name!r} does not run on {dev} tensors "
                          f"(it runs on: {', '.join(backend.devices)})")
+    if backend.device_check is not None and (reason := backend.device_check(device)) is not None:
+        raise RuntimeError(reason)
     if transformed and not backend.func_transforms:
         raise RuntimeError(f"fanet: backend {name!r} cannot run inside torch.func's grad, vjp, jvp, jacrev, "
                            "jacfwd or hessian: its ops' autograd does not support them; use backend 'reference' or "

@@ -4,6 +4,7 @@ and the weighting run through the fused ops of the active backend (fanet_kernels
 """
 from __future__ import annotations
 
+import threading
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -267,6 +268,11 @@ class FASequential(nn.Module):
 
 _SHORTCUT_NAMES = ("downsample", "shortcut", "projection", "proj")
 
+# Block 0's shortcut output P(X_s), from FAStage's forward hook to the forward that runs it: a table
+# per thread and per call (stage -> tensor), never an attribute of the module, so that one model
+# can run in several threads at once.
+_in_flight = threading.local()
+
 
 def _find_shortcut(block: nn.Module) -> str:
     for name in _SHORTCUT_NAMES:
@@ -313,15 +319,15 @@ class FAStage(FASequential):
                 # running P twice (twice would also update its BN statistics twice).
                 self.get_submodule(self._proj_path).register_forward_hook(self._keep_projection)
         self.last_stage_k: Optional[torch.Tensor] = None
-        self._kept: Optional[torch.Tensor] = None
 
     def _keep_projection(self, module: nn.Module, args, output: torch.Tensor) -> None:
-        self._kept = output
+        kept = getattr(_in_flight, "kept", None)
+        if kept is not None:  # else the shortcut ran outside this stage's forward
+            kept[self] = output
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, kept: Optional[torch.Tensor]) -> torch.Tensor:
         if self._proj_path is None:
             return self.stage_proj(x)
-        kept, self._kept = self._kept, None
         return kept if kept is not None else self.get_submodule(self._proj_path)(x)
 
     def forward(self, inp: Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]
@@ -333,9 +339,13 @@ class FAStage(FASequential):
         if self.index == 0:
             out = self.run_chain(x)
         else:
-            self._kept = None
-            u = self.run_chain(x)  # block 0 runs the shortcut P on x: _keep_projection keeps it
-            xp = x if "pre" in self._modules else self._project(x)
+            previous = getattr(_in_flight, "kept", None)
+            _in_flight.kept = kept = {}
+            try:
+                u = self.run_chain(x)  # block 0 runs the shortcut P on x: _keep_projection keeps it
+            finally:
+                _in_flight.kept = previous
+            xp = x if "pre" in self._modules else self._project(x, kept.get(self))
             r = self.stage_fa(xp, u, hist)
             out, hist = r.out, r.history
             self.last_stage_k = r.k.detach()

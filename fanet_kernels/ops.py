@@ -9,11 +9,11 @@ backend-dispatching Python functions.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from . import _validate, backends
+from . import _validate, backends, cuda_arch
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.fanet.*)
@@ -122,17 +122,22 @@ if HAS_EXTENSION:
     # Autograd: csrc/autograd.cpp wires each op to its backward op as a C++ autograd node (each
     # backward is one fused op); a Python formula here would cost ~50 us more per call.
 
-    def _compiled_backend(name: str, devices: tuple[str, ...]) -> backends.Backend:
+    def _compiled_backend(name: str, devices: tuple[str, ...],
+                          device_check: Optional[Callable[[torch.device], Optional[str]]] = None) -> backends.Backend:
         return backends.Backend(
             name=name, devices=devices, gate=torch.ops.fanet.gate.default,
             gate_pool=torch.ops.fanet.gate_pool.default, focus=torch.ops.fanet.focus.default,
             residual_gate_pool=torch.ops.fanet.residual_gate_pool.default, mlp=torch.ops.fanet.mlp.default,
             bn_residual_gate_pool=_native_bn_residual_gate_pool, checks_args=True, func_transforms=False,
+            device_check=device_check,
         )
 
     BACKENDS = {"cpu": _compiled_backend("cpu", ("cpu",))}
     if _cuda_kernels_built():
-        BACKENDS["cuda"] = _compiled_backend("cuda", ("cuda",))
+        # A GPU that the build carries no code for is refused when named (auto skips it) instead of failing
+        # at the first kernel launch; where the build recorded no archs the kernels' own check decides.
+        _archs = getattr(_C, "cuda_archs", lambda: "")() or ""
+        BACKENDS["cuda"] = _compiled_backend("cuda", ("cuda",), cuda_arch.device_check(_archs) if _archs else None)
     else:
         backends.mark_unavailable("cuda", "fanet_kernels._C was built without CUDA kernels "
                                   "(no nvcc, or torch without CUDA, or FANET_CUDA=0)")

@@ -2,8 +2,25 @@
 //
 // Every function here is a template on the value type so that the CPU kernels can
 // instantiate it with at::vec::Vectorized<acc_t> (SIMD lanes) and with plain
-// float/double, and the CUDA kernels with float/double in registers.  The CPU tests
-// therefore exercise exactly the code the GPU runs.  See SPEC.md §1 and §4.
+// float/double, and the CUDA kernels with float/double in registers.  See SPEC.md §1 and §4.
+//
+// Both devices round alike.  No compiler contracts a * b + c into a fused multiply-add (the
+// CPU sources are built with -ffp-contract=off, the CUDA ones with --fmad=false); both fuse
+// exactly where this file asks (Lane::fmadd, fma_: one rounding on each device); division
+// and square root are IEEE on both (nvcc's default -prec-div/-prec-sqrt=true, no
+// -use_fast_math); float16/bfloat16 round to nearest even on both.  So, given the same
+// inputs, every element-wise output (the gates' out, grad_x, grad_u; the BatchNorm gate's
+// out, grad_x and grad_z given the same batch statistics and channel sums) is bit-identical
+// on the CPU and the GPU, and the CPU tests exercise the arithmetic the GPU runs;
+// tests/test_cuda.py checks it on a GPU.  What differs, and by how much:
+//  - every sum (pools, grad_k, batch statistics and channel sums, weight gradients, the
+//    focus MLP's dot products) is added in another order on each device: those agree to
+//    rounding, not bit for bit, and so do the outputs computed from them;
+//  - exp_ in the focus MLP's sigmoid: CUDA's expf is within 2 ulp, glibc's within 0.502 ulp
+//    (exp: 1 and 0.511), so given the same z, k' = 1 / (1 + exp(-z)) differs by at most
+//    7 ulp in float and 5 in double (those bounds through the rounded add and division);
+//  - NaN payloads: a NaN is NaN on both devices, its bits may differ;
+//  - denormals are kept on both, unless torch.set_flush_denormal(True) makes the CPU flush them.
 #pragma once
 
 #include <cmath>

@@ -33,7 +33,20 @@ struct Lane<at::vec::Vectorized<T>> {
     const V zero(T(0));
     return V::blendv(v, zero, r <= zero);
   }
-  static inline V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  // One rounding, as fma_ on CUDA: at::vec::fmadd is one FMA instruction in ATen's AVX2 and
+  // AVX-512 vectors, but a * b + c (two roundings) in its generic one, which other builds get.
+  static inline V fmadd(const V& a, const V& b, const V& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    return at::vec::fmadd(a, b, c);
+#else
+    __at_align__ T av[V::size()], bv[V::size()], cv[V::size()];
+    a.store(av);
+    b.store(bv);
+    c.store(cv);
+    for (int i = 0; i < V::size(); ++i) av[i] = std::fma(av[i], bv[i], cv[i]);
+    return V::loadu(av);
+#endif
+  }
 };
 }  // namespace math
 

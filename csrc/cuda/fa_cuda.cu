@@ -19,10 +19,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
+#include "../common/build_info.h"
 #include "../common/checks.h"
 #include "../common/fa_math.h"
 #include "../common/op_drivers.h"
@@ -101,14 +105,16 @@ __device__ __forceinline__ T block_sum(T v, T* scratch /* kWarps entries */) {
 //
 // With kFold the chunk is a whole number of rows (NHWC: multiples of C) or planes (NCHW:
 // multiples of HW, chunk_c planes per chunk), so each thread finds its channel with 32-bit
-// arithmetic and then steps it; a 64-bit division (a called routine) makes ptxas spill.
+// arithmetic and then steps it; a 64-bit division (a called routine) makes ptxas spill.  For the
+// same reason inv_hw = 1 / HW comes from the host (a double division is a call too).
 template <typename scalar_t, int kVec, bool kBackward, bool kFold, bool kChannelsLast, bool kResidual>
 __global__ void __launch_bounds__(kThreads) gate_kernel(
     const scalar_t* __restrict__ g, const at::opmath_type<scalar_t>* __restrict__ gp,
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ u,
     const at::opmath_type<scalar_t>* __restrict__ k, scalar_t* __restrict__ out0,
     scalar_t* __restrict__ out1, at::opmath_type<scalar_t>* __restrict__ partial, int64_t C,
-    int64_t HW, int64_t chunk, int64_t chunks, int64_t chunk_c, int64_t step_c, int64_t step_r) {
+    int64_t HW, int64_t chunk, int64_t chunks, int64_t chunk_c, int64_t step_c, int64_t step_r,
+    at::opmath_type<scalar_t> inv_hw) {
   static_assert(kBackward || !kResidual, "the residual forward runs in the pool kernels");
   using acc_t = at::opmath_type<scalar_t>;
   // Block decomposition in 32 bits: the launch checks the grid fits in 2^31 blocks.
@@ -120,7 +126,6 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
   const int64_t end = min64(per_sample, begin + chunk);
   const int64_t base = n * per_sample;
   const acc_t kn = k[n];
-  const acc_t inv_hw = acc_t(1) / acc_t(HW);
   acc_t s = acc_t(0);
   const uint32_t offset = threadIdx.x * kVec;  // < 2^31, and < 2^32 after adding a remainder
   // Fold only: channel c_i of element i, and (NCHW) its position r_i in the plane, stepped by
@@ -140,7 +145,10 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
     }
   }
   const int64_t first = begin + offset;
-  // kVec > 1 only when per_sample % kVec == 0, so a pack never straddles `end`.
+  // kVec > 1 only when per_sample % kVec == 0, so a pack never straddles `end`.  Not unrolled: the
+  // backward's block_sum has calls (the shuffles' divergent path), which cap the registers, and
+  // unrolled double variants spilled; each step already has a 16-byte load per tensor in flight.
+#pragma unroll 1
   for (int64_t i = first; i < end; i += int64_t(kThreads) * kVec) {
     const Pack<scalar_t, kVec> xp = load_pack<kVec>(x + base + i);
     const Pack<scalar_t, kVec> up = load_pack<kVec>(u + base + i);
@@ -605,6 +613,8 @@ __global__ void __launch_bounds__(kThreads) focus_mlp_kernel(
   for (int64_t j = warp; j < H1; j += kWarps) {
     const acc_t* row = w1 + j * C;
     acc_t dot = acc_t(0);
+    // Unrolled twice: 4 times made ptxas spill the double forward on sm_90.
+#pragma unroll 2
     for (int64_t c = lane; c < C; c += kWarp) dot += row[c] * ln[c];
     dot = warp_sum(dot);
     if (lane == 0) hn[j] = math::focus_hidden(dot, b1[j]);
@@ -658,6 +668,41 @@ __global__ void __launch_bounds__(kThreads) broadcast_pool_grad_kernel(
 }
 
 // ---- host helpers -------------------------------------------------------------------------
+
+// A build without machine code (SASS) or PTX that this GPU runs would fail at its first launch with
+// "no kernel image is available"; instead, before the first op on each device, ask the runtime
+// whether a kernel loads there (every kernel carries the same archs), and if not, name the GPU, its
+// compute capability and the archs built.  Remembered per device once it loads.
+void check_kernel_image(c10::DeviceIndex device) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<bool>, kMaxDevices> loads{};
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && loads[device].load(std::memory_order_relaxed)) return;
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, sum_splits_kernel<float>);
+  if (err == cudaSuccess) {
+    if (cached) loads[device].store(true, std::memory_order_relaxed);
+    return;
+  }
+  (void)cudaGetLastError();  // not a sticky error: clear it, or the next launch check reports it
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction ||
+      err == cudaErrorUnsupportedPtxVersion) {
+    cudaDeviceProp prop;
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    const std::string archs = cuda_archs(), cc = std::to_string(prop.major) + "." + std::to_string(prop.minor);
+    TORCH_CHECK(false, "fanet: backend 'cuda' cannot run on ", prop.name, " (compute capability ", cc,
+                "): fanet_kernels._C carries CUDA code for ", archs.empty() ? "other GPUs" : archs, " only (",
+                cudaGetErrorString(err), "). Use backend 'triton' or 'reference' ('auto' does), or rebuild with "
+                "TORCH_CUDA_ARCH_LIST=\"", cc, "\" by an nvcc that targets it (nvcc 13 targets 7.5 and newer).");
+  }
+  C10_CUDA_CHECK(err);
+}
+
+// The tensors' device made current for an op (RAII), its kernels checked to load there.
+struct DeviceGuard {
+  at::cuda::CUDAGuard guard;
+  explicit DeviceGuard(const Tensor& x) : guard(x.device()) { check_kernel_image(x.get_device()); }
+};
 
 inline int64_t plane(const Tensor& x) { return x.size(2) * x.size(3); }
 
@@ -772,7 +817,7 @@ Tensor channel_totals(const Tensor& folded) {
 
 Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) {
   const auto in = prepare_gate(x, u, k);
-  const at::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   Tensor out = at::empty(x.sizes(), x.options().memory_format(in.fmt));
   if (x.numel() == 0) return out;
   const int64_t N = x.size(0), C = x.size(1), HW = plane(x), chunks = ceil_div(C * HW, kChunk);
@@ -786,7 +831,7 @@ Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) {
       constexpr int kVec = decltype(v)::value;
       gate_kernel<scalar_t, kVec, false, false, false, false><<<grid_for(N * chunks), kThreads, 0, stream>>>(
           nullptr, nullptr, xp, up, in.k.const_data_ptr<acc_t>(), op, nullptr, nullptr, C, HW, kChunk, chunks, 0,
-          0, 0);
+          0, 0, acc_t(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -798,7 +843,7 @@ Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) {
 std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in, const Tensor& norm = Tensor()) {
   const Tensor& x = in.x;
   const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
-  const at::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   Tensor out = at::empty(x.sizes(), x.options().memory_format(in.fmt));
   if (x.numel() == 0) return {out, at::empty({N, C}, x.options())};
@@ -861,7 +906,7 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
   const bool fold = gp.defined();
   const Tensor& x = in.x;
   const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
-  const at::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   const auto acc = acc_dtype(x.scalar_type());
   Tensor gx = at::empty(x.sizes(), x.options().memory_format(in.fmt));
   Tensor gu = at::empty(x.sizes(), x.options().memory_format(in.fmt));
@@ -897,7 +942,8 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
       const int64_t step_c = cl ? step % C : step / HW, step_r = cl ? 0 : step % HW;
       const auto launch = [&](auto kernel) {
         kernel<<<grid_for(N * chunks), kThreads, 0, stream>>>(gptr, gpp, xp, up, kp, gxp, gup, pp, C, HW, chunk,
-                                                              chunks, chunk_c, step_c, step_r);
+                                                              chunks, chunk_c, step_c, step_r,
+                                                              acc_t(1) / acc_t(HW));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       with_flag(in.residual, [&](auto residual_tag) {
@@ -958,7 +1004,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_gate_backward(const GateBa
   const auto& in = b.in;
   const Tensor& x = in.x;
   const int64_t N = x.size(0), C = x.size(1), HW = plane(x);
-  const at::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   Tensor gx = at::empty(x.sizes(), x.options().memory_format(in.fmt));
   Tensor gz = at::empty(x.sizes(), x.options().memory_format(in.fmt));
@@ -1021,7 +1067,7 @@ void broadcast_pool_grad(const Tensor& grad_l, const Tensor& gx, at::MemoryForma
 
 // The kernels of this device, for the shared drivers of csrc/common/op_drivers.h.
 struct Device {
-  static at::cuda::CUDAGuard guard(const Tensor& x) { return at::cuda::CUDAGuard(x.device()); }
+  static DeviceGuard guard(const Tensor& x) { return DeviceGuard(x); }
   static Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return cuda::gate(x, u, k); }
   static std::tuple<Tensor, Tensor> gate_pool(const GateInputs& in, const Tensor& norm = Tensor()) {
     return cuda::gate_pool(in, norm);
