@@ -28,6 +28,7 @@ if "triton" not in fk.available_backends("cpu") and not torch.cuda.is_available(
                 allow_module_level=True)
 
 import fanet_kernels.triton as ft  # noqa: E402
+from fanet_kernels.triton import bn_gate as ft_bn  # noqa: E402
 from fanet_kernels.triton import focus as ft_focus  # noqa: E402
 from fanet_kernels.triton import gate as ft_gate  # noqa: E402
 
@@ -66,6 +67,12 @@ def test_pool_config_covers_the_tensor(sz, shape, channels_last):
     assert cfg.hw_per % cfg.block_hw == 0
     assert (cfg.split - 1) * cfg.hw_per < h * w <= cfg.split * cfg.hw_per  # every split has work
     assert cfg.num_warps in (2, 4, 8)
+    for per_thread in (2, 4):  # kernels with more values per element: smaller tiles, still at most 8 warps
+        small = ft_gate.pool_config(n, c, h * w, channels_last, sz, per_thread)
+        assert small.block_c * small.block_hw <= max(ft_gate.tile_for(per_thread, sz), small.block_c)
+        assert small.num_warps in (2, 4, 8)
+        if sz is ft_gate.GPU_SIZES:
+            assert small.block_c * small.block_hw <= per_thread * 32 * small.num_warps
     block, iters, per_sample = ft_gate.flat_config(n, c * h * w, sz)
     assert (per_sample - 1) * iters * block < c * h * w <= per_sample * iters * block
     assert 1 <= iters <= sz.max_iters
@@ -103,6 +110,99 @@ def test_int64_offsets_path(monkeypatch):
 def test_int64_threshold():
     assert not ft_gate.need_int64(2**31 - 1) and ft_gate.need_int64(2**31)
     assert ft_gate.need_int64(10, 2**31 + 5)
+
+
+def _record_int64(monkeypatch) -> dict[str, set]:
+    """Replaces the launches of every Triton module by a recorder of each kernel's INT64 flag."""
+    seen: dict[str, set] = {}
+
+    def record(kernel, grid, *args, num_warps, **meta):
+        seen.setdefault(kernel.fn.__name__, set()).add(meta.get("INT64"))
+
+    for mod in (ft_gate, ft_bn, ft_focus):
+        monkeypatch.setattr(mod, "launch", record)
+    return seen
+
+
+def test_int64_decision_at_hw_near_2_31(monkeypatch):
+    """One sample, one channel, H*W just under 2**31: fewer than 2**31 elements, yet the pool
+    kernels' last split ends at split * hw_per = 2**31 (the GPU launch config), so int32 bounds would
+    wrap (the last split would sum nothing): every channel-block kernel must get int64 offsets (focus
+    pools such a plane with the split pool kernel, not its one-program-per-sample kernel).  Meta
+    tensors: the launch code runs, no memory is allocated and no kernel runs."""
+    seen = _record_int64(monkeypatch)
+    monkeypatch.setattr(ft_gate, "sizes", lambda: ft_gate.GPU_SIZES)
+    n, c, h, w = shape = (1, 1, 1, 2**31 - 1000)
+    assert n * c * h * w < 2**31 and not ft_gate.need_int64(n * c * h * w)  # the element count says int32
+    for cl in (False, True):
+        cfg = ft_gate.pool_config(n, c, h * w, cl)
+        assert cfg.split * cfg.hw_per >= 2**31  # hw_lo + hw_per of the last split, in int32, would wrap
+        assert ft_gate.need_int64(cfg.reach(n, c, h * w, cl))
+    fmt = torch.channels_last
+
+    def meta(s, cl=False):
+        return torch.empty(s, device="meta", memory_format=fmt if cl and len(s) == 4 else torch.contiguous_format)
+
+    for cl in (False, True):
+        x, z, g = meta(shape, cl), meta(shape, cl), meta(shape, cl)
+        k, gp, wb = meta((n,)), meta((n, c)), meta((c,))
+        ws = [meta((1, c)), meta((1,)), meta((1, 1)), meta((1,))]
+        ft_gate._gate_pool_impl(x, z, k)
+        ft_gate._gate_backward_impl(g, gp, x, z, k)
+        ft_bn._forward_impl(x, z, k, wb, wb, wb, wb, True, 1e-5)
+        ft_bn._backward_impl(g, gp, x, z, k, wb, wb, wb, wb, True, 1e-5)
+        ft_focus._focus_impl(x, *ws)
+    for name in ("pool_kernel", "_moments_kernel", "_norm_gate_bwd_kernel"):
+        assert seen[name] == {True}, name
+    assert "_focus_fused_kernel" not in seen
+
+
+def test_int64_offsets_match_int32(monkeypatch):
+    """The int64-offset kernels (every op, both layouts, split and multi-step reductions) give
+    bit-identical results to the int32 ones: only the offsets' width differs."""
+    dtype = torch.float32
+    tiny = ft_gate.Sizes(block=64, tile=64, max_block_hw=16, max_block_c=8, target_programs=8, max_iters=4)
+    monkeypatch.setattr(ft_gate, "INTERPRETER_SIZES", tiny)
+    monkeypatch.setattr(ft_gate, "GPU_SIZES", tiny)
+    flags = []
+    real = ft_gate.launch
+
+    def spy(kernel, grid, *args, **meta):
+        flags.append(meta.get("INT64"))
+        real(kernel, grid, *args, **meta)
+
+    for mod in (ft_gate, ft_bn, ft_focus):
+        monkeypatch.setattr(mod, "launch", spy)
+    shape = (2, 6, 9, 11)
+    assert all(ft_gate.pool_config(2, 6, 99, cl).split > 1 for cl in (False, True))
+    assert ft_gate.flat_config(2, 6 * 99)[1] > 1
+
+    def run() -> list[torch.Tensor]:
+        results = []
+        for layout in LAYOUTS:
+            x = make(shape, dtype, layout, device=DEVICE, requires_grad=True, seed=0)
+            u = make(shape, dtype, layout, device=DEVICE, requires_grad=True, seed=1)
+            k = make_k(shape[0], k_dtype(dtype), device=DEVICE, requires_grad=True)
+            ws = make_focus_weights(shape[1], k_dtype(dtype), device=DEVICE, requires_grad=True)
+            wb = [make((shape[1],), dtype, "contiguous", device=DEVICE, requires_grad=True, seed=s) for s in (3, 4)]
+            calls = [(fk.ops.gate, (x, u, k)), (fk.ops.gate_pool, (x, u, k)), (fk.ops.residual_gate_pool, (x, u, k)),
+                     (fk.ops.focus, (x, *ws)), (fk.ops.bn_residual_gate_pool, (x, u, k, *wb))]
+            for op, args in calls:
+                def fn(*a, op=op):
+                    return op(*a, backend="triton")
+                out = fn(*args)
+                results += list(out) if isinstance(out, tuple) else [out]
+                results += grads(fn, args)
+        return results
+
+    want = run()
+    assert flags and not any(f for f in flags if f is not None)
+    flags.clear()
+    monkeypatch.setattr(ft_gate, "INT64_THRESHOLD", 0)
+    got = run()
+    assert flags and all(f for f in flags if f is not None)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_split_and_multi_step_reductions(monkeypatch):
@@ -170,7 +270,8 @@ def test_opcheck_backward_ops(case):
         "residual_gate_pool_backward": (OPS.residual_gate_pool_backward, (g, gp, x, u, k)),
         "residual_gate_pool_backward_no_out": (OPS.residual_gate_pool_backward, (None, gp, x, u, k)),
         "residual_gate_pool_backward_no_pooled": (OPS.residual_gate_pool_backward, (g, None, x, u, k)),
-        "focus_backward": (OPS.focus_backward, (torch.randn(2, device=DEVICE), x, *make_focus_weights(4, device=DEVICE))),
+        "focus_backward": (OPS.focus_backward,
+                           (torch.randn(2, device=DEVICE), x, *make_focus_weights(4, device=DEVICE))),
     }[case]
     torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -369,7 +470,7 @@ def test_autotune_wrapper_builds_configs(monkeypatch):
         pass
 
     assert isinstance(kernel, triton.runtime.Autotuner)
-    assert sorted(c.num_warps for c in kernel.configs) == [2, 4, 8]
+    assert sorted(c.num_warps for c in kernel.configs) == [4, 8]  # 2 warps: 16 values per thread, > 128 registers
     assert all(not c.kwargs for c in kernel.configs)
 
 
@@ -401,7 +502,8 @@ def test_without_interpreter_cpu_tensors_are_refused():
     r = _run("import torch, fanet_kernels as fk, fanet_kernels.triton as ft\n"
              "print(ft.BACKEND.devices, ft.AUTOTUNE, 'triton' in fk.available_backends('cpu'))\n"
              "x = torch.randn(1, 2, 3, 3)\n"
-             "try:\n    torch.ops.fanet_triton.gate(x, x, torch.rand(1))\nexcept RuntimeError as e:\n    print('refused', e)\n",
+             "try:\n    torch.ops.fanet_triton.gate(x, x, torch.rand(1))\n"
+             "except RuntimeError as e:\n    print('refused', e)\n",
              TRITON_INTERPRET="0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("('cuda',) False False")
@@ -476,3 +578,33 @@ def test_kernels_compile_for_a_gpu():
     r = _run(_COMPILE_ALL, TRITON_INTERPRET="0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compiled" in r.stdout
+
+
+@pytest.mark.parametrize("sz", [ft_gate.GPU_SIZES, ft_gate.INTERPRETER_SIZES], ids=["gpu", "interpreter"])
+@pytest.mark.parametrize("shape", [(1, 3, 2048, 2048), (64, 64, 512, 512), (256, 2048, 7, 7), (2, 8, 4096, 4096)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_sums_are_short_at_any_plane_size(sz, shape, channels_last):
+    """Each lane of a pool kernel's channel sum adds at most max_steps values (then the tile's tree
+    and a float64 sum over splits), whatever H*W and however many programs N*C gives: a running
+    float32 sum over a whole plane would grow its error with H*W."""
+    n, c, h, w = shape
+    for per_thread in (2, 4, 8):
+        cfg = ft_gate.pool_config(n, c, h * w, channels_last, sz, per_thread=per_thread)
+        assert cfg.hw_per // cfg.block_hw <= sz.max_steps
+        assert (cfg.split - 1) * cfg.hw_per < h * w <= cfg.split * cfg.hw_per
+
+
+def test_pool_precision_at_a_long_plane(monkeypatch):
+    """Tiny tiles make a 1x2x256x256 plane a long sum (thousands of loop steps per channel under the
+    old running sum): pooled means within a few float32 ulps of float64, as torch.mean's."""
+    tiny = ft_gate.Sizes(block=64, tile=64, max_block_hw=16, max_block_c=8, target_programs=8, max_steps=8)
+    monkeypatch.setattr(ft_gate, "INTERPRETER_SIZES", tiny)
+    monkeypatch.setattr(ft_gate, "GPU_SIZES", tiny)
+    for cl in (False, True):
+        x = make((1, 2, 256, 256), torch.float32, "channels_last" if cl else "contiguous", device=DEVICE) + 3
+        u = make((1, 2, 256, 256), torch.float32, "contiguous", device=DEVICE, seed=1)
+        k = torch.zeros(1, device=DEVICE)  # out = x: the pooled mean is x's
+        pooled = OPS.gate_pool(x, u, k)[1]
+        want = x.double().mean((2, 3))
+        err, ref_err = (pooled.double() - want).abs().max(), (x.mean((2, 3)).double() - want).abs().max()
+        assert err <= max(4 * ref_err, 4 * torch.finfo(torch.float32).eps * want.abs().max()), (err, ref_err)

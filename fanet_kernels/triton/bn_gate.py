@@ -19,15 +19,14 @@ import triton
 import triton.language as tl
 
 from .. import _validate
-from .gate import (_check_backward, _gate_pool_impl, acc_tl, check_device, in_kernel_format, launch,
-                   maybe_autotune, need_int64, pool_config, residual_output, sizes, tile_offsets, unit_channels,
-                   warps_for)
+from .gate import (_check_backward, _gate_pool_impl, acc_tl, check_device, device_of, in_kernel_format, launch,
+                   maybe_autotune, need_int64, pool_config, pooled_grad_share, residual_output, sizes, tile_offsets,
+                   unit_channels, warps_for)
 
 # Rows of the forward table (csrc/cpu NormRow): B = z * alpha + beta, xhat = z * invstd + shift.
 ALPHA, BETA, INVSTD, SHIFT = range(4)
 
 
-@maybe_autotune(key=["C", "HW"])
 @triton.jit
 def _moments_kernel(z_ptr, shift_ptr, sums_ptr, N, C, HW, hw_per,
                     CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -37,6 +36,8 @@ def _moments_kernel(z_ptr, shift_ptr, sums_ptr, N, C, HW, hw_per,
     into sums[split, n, 1, c]."""
     n, c, c_mask = unit_channels(C, BLOCK_C, INT64)
     split = tl.program_id(1)
+    if INT64:  # the split's bounds too (see gate.pool_kernel)
+        split = split.to(tl.int64)
     k = tl.load(shift_ptr + c, mask=c_mask, other=0)[:, None]
     hw_lo = split * hw_per
     hw_hi = tl.minimum(hw_lo + hw_per, HW)
@@ -46,13 +47,12 @@ def _moments_kernel(z_ptr, shift_ptr, sums_ptr, N, C, HW, hw_per,
         offs, mask = tile_offsets(n * C * HW, c, c_mask, C, HW, hw0, hw_hi, CHANNELS_LAST, BLOCK_HW)
         d = tl.where(mask, tl.load(z_ptr + offs, mask=mask, other=0).to(ACC) - k, 0)
         s0 += d
-        s1 += d * d
+        s1 = tl.fma(d, d, s1)
     out = sums_ptr + ((split * N + n) * 2) * C + c
     tl.store(out, tl.sum(s0, axis=1), mask=c_mask)
     tl.store(out + C, tl.sum(s1, axis=1), mask=c_mask)
 
 
-@maybe_autotune(key=["C", "HW"])
 @triton.jit
 def _norm_gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, z_ptr, k_ptr, norm_ptr, gx_ptr, gb_ptr, sums_ptr, N, C, HW, hw_per,
                           HAS_G: tl.constexpr, FOLD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -64,6 +64,8 @@ def _norm_gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, z_ptr, k_ptr, norm_ptr, gx_ptr, 
     grad_b * xhat (xhat = z * invstd + shift) and g * (u - x) into sums[split, n, 0..2, c]."""
     n, c, c_mask = unit_channels(C, BLOCK_C, INT64)
     split = tl.program_id(1)
+    if INT64:  # the split's bounds too (see gate.pool_kernel)
+        split = split.to(tl.int64)
     kn = tl.load(k_ptr + n)
     alpha = tl.load(norm_ptr + c, mask=c_mask, other=0)[:, None]
     beta = tl.load(norm_ptr + C + c, mask=c_mask, other=0)[:, None]
@@ -85,13 +87,13 @@ def _norm_gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, z_ptr, k_ptr, norm_ptr, gx_ptr, 
         if HAS_G:
             g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
         g = tl.where(mask, g + gp, 0)  # masked lanes add nothing below
-        uv, off = residual_output(xv, zv * alpha + beta)
+        uv, off = residual_output(xv, tl.fma(zv, alpha, beta))
         gk = g * kn
         gb = tl.where(off, 0, gk)
         tl.store(gx_ptr + offs, ((g - gk) + gb).to(gx_ptr.dtype.element_ty), mask=mask)
         tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=mask)
         s_g += gb
-        s_gx += gb * (zv * invstd + shift)
+        s_gx = tl.fma(gb, tl.fma(zv, invstd, shift), s_gx)
         s_k += g * (uv - xv)
     out = sums_ptr + ((split * N + n) * 3) * C + c
     tl.store(out, tl.sum(s_g, axis=1), mask=c_mask)
@@ -117,23 +119,27 @@ def _norm_grad_kernel(gb_ptr, z_ptr, t_ptr, gz_ptr, numel, C, HW,
         c = (offs // HW) % C
     g = tl.load(gb_ptr + offs, mask=mask, other=0).to(ACC)
     zv = tl.load(z_ptr + offs, mask=mask, other=0).to(ACC)
-    xhat = zv * tl.load(t_ptr + c, mask=mask, other=0) + tl.load(t_ptr + C + c, mask=mask, other=0)
-    gz = g * tl.load(t_ptr + 2 * C + c, mask=mask, other=0) + (xhat * tl.load(t_ptr + 3 * C + c, mask=mask, other=0)
-                                                               + tl.load(t_ptr + 4 * C + c, mask=mask, other=0))
+    xhat = tl.fma(zv, tl.load(t_ptr + c, mask=mask, other=0), tl.load(t_ptr + C + c, mask=mask, other=0))
+    # the fused multiply-adds of the C++ norm_input_grad, so both round alike
+    scale = tl.load(t_ptr + 2 * C + c, mask=mask, other=0)
+    xhat_coef = tl.load(t_ptr + 3 * C + c, mask=mask, other=0)
+    gz = tl.fma(g, scale, tl.fma(xhat, xhat_coef, tl.load(t_ptr + 4 * C + c, mask=mask, other=0)))
     tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launch code -----------------------------------------------------------------------------
 def _channel_sums(kernel, rows: int, grid_args: tuple, x: torch.Tensor, fmt: torch.memory_format,
-                  **meta) -> torch.Tensor:
+                  per_thread: int, **meta) -> torch.Tensor:
     """Launches a channel-block kernel (_moments_kernel, _norm_gate_bwd_kernel) over x's shape with
-    gate.pool_config's tiles; returns its sums (split, N, rows, C) in the acc dtype."""
+    gate.pool_config's tiles (per_thread: see pool_config); returns its sums (split, N, rows, C) in
+    the acc dtype."""
     n, c, h, w = x.shape
     cl = fmt == torch.channels_last
-    cfg = pool_config(n, c, h * w, cl)
+    cfg = pool_config(n, c, h * w, cl, per_thread=per_thread)
     sums = torch.empty((cfg.split, n, rows, c), dtype=_validate.acc_dtype(x.dtype), device=x.device)
     launch(kernel, (n * triton.cdiv(c, cfg.block_c), cfg.split), *grid_args, sums, n, c, h * w, cfg.hw_per, **meta,
-           CHANNELS_LAST=cl, INT64=need_int64(x.numel()), BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw,
+           CHANNELS_LAST=cl, INT64=need_int64(cfg.reach(n, c, h * w, cl, rows)), BLOCK_C=cfg.block_c,
+           BLOCK_HW=cfg.block_hw,
            ACC=acc_tl(x.dtype), num_warps=cfg.num_warps)
     return sums
 
@@ -149,7 +155,9 @@ def _batch_stats(z: torch.Tensor, fmt: torch.memory_format) -> tuple[torch.Tenso
     shift = z[0, :, h // 2, w // 2].to(acc)
     shift = torch.where(shift.isfinite(), shift, 0).contiguous()
     # per (n, c) in the acc dtype, then over splits and the batch in float64 (a fixed order)
-    s1, s2 = _channel_sums(_moments_kernel, 2, (z, shift), z, fmt).double().sum((0, 1))
+    # two accumulators per element: float64 ones in half the tile
+    per_thread = 4 if z.dtype == torch.float64 else 8
+    s1, s2 = _channel_sums(_moments_kernel, 2, (z, shift), z, fmt, per_thread).double().sum((0, 1))
     m = s1 / (n * h * w)
     mean = (shift.double() + m).to(acc)
     var = (s2 / (n * h * w) - m * m).clamp(min=0).to(acc)
@@ -195,9 +203,10 @@ def _backward_impl(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, trai
         return (gx, gz, torch.zeros_like(k), torch.zeros_like(weight), torch.zeros_like(bias))
     # Pass 1: grad_x, grad_B (into gz), and per (split, n, c) the sums of grad_B, grad_B * xhat, grad_k's terms.
     g = in_kernel_format(grad_out.to(x.dtype), fmt) if grad_out is not None else x
-    # d pooled / d out = 1 / HW, divided here as autograd of mean does.
-    gp = (grad_pooled.to(acc) / (h * w)).contiguous() if grad_pooled is not None else ka
+    gp = pooled_grad_share(grad_pooled, acc, h * w) if grad_pooled is not None else ka
+    # three accumulators, three loads and the norm coefficients per element: a half tile, a quarter in float64
     sums = _channel_sums(_norm_gate_bwd_kernel, 3, (g, gp, x, zf, ka, norm, gx, gz), x, fmt,
+                         2 if x.dtype == torch.float64 else 4,
                          HAS_G=grad_out is not None, FOLD=grad_pooled is not None)
     sum_g, sum_gx = sums[:, :, :2].double().sum((0, 1))  # over splits and the batch, in a fixed order
     gk = sums[:, :, 2].sum((0, 2)).to(k.dtype)
@@ -211,7 +220,7 @@ def _backward_impl(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, trai
     numel = x.numel()
     block = min(sizes().block, triton.next_power_of_2(numel))
     launch(_norm_grad_kernel, (triton.cdiv(numel, block),), gz, zf, table, gz, numel, c, h * w,
-           CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(numel), BLOCK=block,
+           CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(numel + block), BLOCK=block,
            ACC=acc_tl(x.dtype), num_warps=warps_for(block))
     # copies: the two are rows of one tensor, and outputs must not alias
     return gx, gz, gk, sum_gx.to(acc).to(weight.dtype, copy=True), sum_g.to(acc).to(bias.dtype, copy=True)
@@ -225,7 +234,8 @@ def bn_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, wei
                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, pooled, mean, var) as fanet::bn_residual_gate_pool: training, z's batch mean and biased
     variance, else the running stats; the running stats are never written (the caller updates them)."""
-    return _forward_impl(x, z, k, weight, bias, running_mean, running_var, training, eps)
+    with device_of(x):
+        return _forward_impl(x, z, k, weight, bias, running_mean, running_var, training, eps)
 
 
 @torch.library.custom_op("fanet_triton::bn_residual_gate_pool_backward", mutates_args=())
@@ -235,7 +245,8 @@ def bn_residual_gate_pool_backward(grad_out: Optional[torch.Tensor], grad_pooled
                                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                         torch.Tensor]:
     """(grad_x, grad_z, grad_k, grad_weight, grad_bias); mean, var: the forward's."""
-    return _backward_impl(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, training, eps)
+    with device_of(x):
+        return _backward_impl(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, training, eps)
 
 
 @bn_residual_gate_pool.register_fake

@@ -1,10 +1,11 @@
 """Triton kernels for ``focus`` and its backward (SPEC §1 focus step, §4).
 
-Forward, C <= FUSED_MAX_C (every network of the zoo): one kernel, a program per sample, pools
-x[n] channel block by channel block into a row of a small (N, C) scratch buffer, then runs both
-Linear layers, the ReLU and the sigmoid on that row.  Above FUSED_MAX_C one program per sample
-would pool too much alone: the channel-block pool kernel of gate.py runs first (many programs),
-then the MLP kernel.  Backward recomputes the pool (focus returns only k'), does the tiny MLP
+Forward, C <= FUSED_MAX_C and H*W within max_steps pool tiles (every network of the zoo at its
+input sizes): one kernel, a program per sample, pools x[n] channel block by channel block into a
+row of a small (N, C) scratch buffer, then runs both Linear layers, the ReLU and the sigmoid on that
+row.  Beyond that one program per sample would pool too much alone (slowly, and with long running
+sums): the split channel-block pool kernel of gate.py runs first (many programs), then the MLP
+kernel.  Backward recomputes the pool (focus returns only k'), does the tiny MLP
 backward as torch matmuls, and broadcasts grad_l / HW into grad_x in x's layout.
 """
 from __future__ import annotations
@@ -15,17 +16,19 @@ import triton
 import triton.language as tl
 
 from .. import _validate
-from .gate import (acc_tl, channel_sums, check_device, in_kernel_format, launch, maybe_autotune, need_int64,
-                   pool_config, sizes, tile_sum, warps_for)
+from .gate import (PER_THREAD, acc_tl, channel_sums, check_device, device_of, div_ieee, exp_accurate,
+                   in_kernel_format, launch, maybe_autotune, need_int64, pool_config, sizes, tile_for, tile_sum,
+                   warps_for)
 
 FUSED_MAX_C = 2048
 
 
-def mlp_config(c: int, h1: int) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_CM): w1 is read in tiles of (hidden units x channels) of a pool tile's size,
-    at most 256 channels wide so that wide layers still get several hidden units per step."""
+def mlp_config(c: int, h1: int, per_thread: int = PER_THREAD) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_CM): w1 is read in tiles of (hidden units x channels) of a pool tile's size
+    (gate.tile_for), at most 256 channels wide so that wide layers still get several hidden units
+    per step."""
     block_cm = min(triton.next_power_of_2(max(c, 1)), 256)
-    block_h = max(1, min(triton.next_power_of_2(h1), sizes().tile // block_cm))
+    block_h = max(1, min(triton.next_power_of_2(h1), tile_for(per_thread) // block_cm))
     return block_h, block_cm
 
 
@@ -47,10 +50,10 @@ def _focus_mlp(l_row, w1_ptr, b1_ptr, w2_ptr, b2_ptr, C, H1,
         pre = tl.sum(dot, axis=1) + tl.load(b1_ptr + h, mask=h_mask, other=0)
         hidden = tl.where(pre <= 0, 0, pre)  # relu with NaN passing, as torch.relu (tl.maximum may drop it)
         z += tl.sum(tl.load(w2_ptr + h, mask=h_mask, other=0) * hidden, axis=0)
-    return 1 / (1 + tl.exp(-z))
+    e = exp_accurate(-z)
+    return div_ieee(tl.full([], 1.0, ACC), 1.0 + e)  # IEEE division and expf, as the C++ sigmoid
 
 
-@maybe_autotune(key=["C", "HW", "H1"])
 @triton.jit
 def _focus_fused_kernel(x_ptr, l_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, k_ptr, C, HW, H1,
                         CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -58,22 +61,23 @@ def _focus_fused_kernel(x_ptr, l_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, k_ptr, C, 
                         ACC: tl.constexpr):
     """Program n: channel means of x[n] into l[n, :], then k[n] from them."""
     n = tl.program_id(0)
+    hw_hi = HW
     if INT64:
         n = n.to(tl.int64)
+        hw_hi = HW.to(tl.int64)  # the loop's bound too: the last hw0 + BLOCK_HW may pass 2**31
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         if INT64:
             c = c.to(tl.int64)
         c_mask = c < C
-        s = tile_sum(x_ptr, x_ptr, x_ptr, 0.0, n * C * HW, c, c_mask, C, HW, 0, HW,
+        s = tile_sum(x_ptr, x_ptr, x_ptr, 0.0, n * C * HW, c, c_mask, C, HW, 0, hw_hi,
                      False, CHANNELS_LAST, BLOCK_C, BLOCK_HW, ACC)
-        tl.store(l_ptr + n * C + c, s / HW, mask=c_mask)
+        tl.store(l_ptr + n * C + c, div_ieee(s, tl.full([BLOCK_C], HW, ACC)), mask=c_mask)
     tl.debug_barrier()  # the row is read back below by other threads of this program
     k = _focus_mlp(l_ptr + n * C, w1_ptr, b1_ptr, w2_ptr, b2_ptr, C, H1, BLOCK_H, BLOCK_CM, ACC)
     tl.store(k_ptr + n, k.to(k_ptr.dtype.element_ty))
 
 
-@maybe_autotune(key=["C", "H1"])
 @triton.jit
 def _focus_mlp_kernel(l_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, k_ptr, C, H1,
                       BLOCK_H: tl.constexpr, BLOCK_CM: tl.constexpr, ACC: tl.constexpr):
@@ -122,17 +126,23 @@ def _focus_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     if n == 0:
         return k
     cl = fmt == torch.channels_last
-    block_h, block_cm = mlp_config(c, h1)
-    if c <= FUSED_MAX_C:
-        cfg = pool_config(1, c, h * w, cl)
+    per_thread = 4 if x.dtype == torch.float64 else PER_THREAD
+    block_h, block_cm = mlp_config(c, h1, per_thread)
+    # warps for the larger of the two tiles a program holds: the pool's and w1's
+    warps = warps_for(block_h * block_cm, per_thread)
+    cfg = pool_config(1, c, h * w, cl, per_thread=per_thread)
+    # One program per sample pools x[n] alone: only while that is a short loop (sizes().max_steps
+    # steps, so the pool's sums stay accurate) over few channels; else the split pool kernel.
+    if c <= FUSED_MAX_C and triton.cdiv(h * w, cfg.block_hw) <= sizes().max_steps:
         scratch = torch.empty((n, c), dtype=acc, device=x.device)
         launch(_focus_fused_kernel, (n,), x, scratch, *ws, k, c, h * w, h1,
-               CHANNELS_LAST=cl, INT64=need_int64(x.numel()), BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw,
-               BLOCK_H=block_h, BLOCK_CM=block_cm, ACC=acc_tl(x.dtype), num_warps=cfg.num_warps)
+               CHANNELS_LAST=cl, INT64=need_int64(cfg.reach(n, c, h * w, cl)), BLOCK_C=cfg.block_c,
+               BLOCK_HW=cfg.block_hw, BLOCK_H=block_h, BLOCK_CM=block_cm, ACC=acc_tl(x.dtype),
+               num_warps=max(warps, cfg.num_warps))
     else:
         pooled = channel_sums(x, None, None, None, fmt, acc)
         launch(_focus_mlp_kernel, (n,), pooled, *ws, k, c, h1, BLOCK_H=block_h, BLOCK_CM=block_cm,
-               ACC=acc_tl(x.dtype), num_warps=4)
+               ACC=acc_tl(x.dtype), num_warps=warps)
     return k
 
 
@@ -162,7 +172,7 @@ def _focus_backward_impl(grad_k, x, w1, b1, w2, b2):
         src = (grad_l / hw).contiguous()  # d mean / d x = 1 / HW, divided as autograd of mean does
         block = min(sizes().block, triton.next_power_of_2(numel))
         launch(_broadcast_kernel, (triton.cdiv(numel, block),), src, gx, numel, c * hw, c, hw,
-               CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(numel), BLOCK=block,
+               CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(numel + block), BLOCK=block,
                num_warps=warps_for(block))
     wdt = w1.dtype
     return (gx, (grad_h.t() @ l).to(wdt), grad_h.sum(0).to(wdt), (grad_z[None, :] @ hidden).to(wdt),
@@ -172,13 +182,15 @@ def _focus_backward_impl(grad_k, x, w1, b1, w2, b2):
 # ---- custom ops ------------------------------------------------------------------------------
 @torch.library.custom_op("fanet_triton::focus", mutates_args=())
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    return _focus_impl(x, w1, b1, w2, b2)
+    with device_of(x):
+        return _focus_impl(x, w1, b1, w2, b2)
 
 
 @torch.library.custom_op("fanet_triton::focus_backward", mutates_args=())
 def focus_backward(grad_k: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                    b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _focus_backward_impl(grad_k, x, w1, b1, w2, b2)
+    with device_of(x):
+        return _focus_backward_impl(grad_k, x, w1, b1, w2, b2)
 
 
 @focus.register_fake

@@ -14,9 +14,14 @@ positions) with the stride pattern of the layout, so its loads are coalesced in 
 """
 from __future__ import annotations
 
+import ast
+import contextlib
+import inspect
 import os
+import textwrap
+import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -31,17 +36,42 @@ from .. import _validate
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # @triton.autotune benchmarks configs on the GPU and fails under the interpreter: it is used only
-# with a real driver.  This is the one place where the interpreter and the GPU differ: which
-# launch configs are tried; the kernels and the heuristic defaults are the same.
+# with a real driver, and only on kernels that do not reduce (see maybe_autotune).
 AUTOTUNE: bool = not INTERPRET and torch.cuda.is_available()
 
-# Offsets are int32 unless a tensor can have this many elements or more (then int64).  A module
-# variable so that tests can force the int64 path on small tensors.
+# exp as CUDA's expf/exp (libdevice, within 2 ulp), not tl.exp's ex2.approx on float32: the focus
+# sigmoid then rounds as the cuda backend's.  The interpreter has no libdevice.
+if INTERPRET:
+    @triton.jit
+    def exp_accurate(x):
+        return tl.exp(x)
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def exp_accurate(x):
+        return libdevice.exp(x)
+
+@triton.jit
+def div_ieee(a, b):
+    """a / b rounded as IEEE division, as C++ and eager PyTorch divide (Triton's float32 '/' is
+    div.full, within 2 ulp; its float64 '/' is already IEEE)."""
+    if a.dtype == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+# Offsets and loop bounds are int32 unless a value they reach can be this large (then int64).  A
+# module variable so that tests can force the int64 path on small tensors.
 INT64_THRESHOLD: int = 2**31
 
-def need_int64(*numels: int) -> bool:
-    """Whether offsets must be computed in int64 for tensors of these element counts."""
-    return max(numels, default=0) >= INT64_THRESHOLD
+
+def need_int64(*reach: int) -> bool:
+    """Whether a kernel's offsets and loop bounds must be int64: ``reach`` bounds every value they take
+    (masked lanes included, as the kernels compute those too): an element count plus the span one
+    step or tile goes past it, or a split's end (see PoolConfig.reach)."""
+    return max(reach, default=0) >= INT64_THRESHOLD
 
 
 def acc_tl(dtype: torch.dtype):
@@ -55,24 +85,107 @@ def check_device(x: torch.Tensor) -> None:
                            f"(argument 'x' is on {x.device})")
 
 
+# ---- the tensors' device ---------------------------------------------------------------------
+# Triton launches on the current CUDA device and its current stream, not on the device of the
+# pointers it is given: every op runs its launches inside device_of(x), as the cuda backend's
+# CUDAGuard does.  launch() refuses to run outside it, so an op that forgets fails on any device.
+_guarded = threading.local()
+
+
+@contextlib.contextmanager
+def device_of(t: torch.Tensor) -> Iterator[None]:
+    """Makes t's device current (CUDA tensors) for the block, and records it for launch()."""
+    previous = getattr(_guarded, "device", None)
+    _guarded.device = t.device
+    try:
+        if t.device.type == "cuda":
+            with torch.cuda.device(t.device):
+                yield
+        else:
+            yield
+    finally:
+        _guarded.device = previous
+
+
+def guarded_device() -> Optional[torch.device]:
+    """The device the innermost device_of() of this thread made current, or None outside one."""
+    return getattr(_guarded, "device", None)
+
+
+# ---- launch configs: a function of shapes and dtypes alone -------------------------------------
+# num_warps changes how tl.sum associates (the layout of the reduced tile), so a kernel that reduces
+# must get it from the shape heuristic: a timing-based choice would make sums differ between
+# processes and DDP ranks.  Only kernels that reduce nothing may be autotuned.
+REDUCTIONS = frozenset({"sum", "reduce", "max", "min", "argmax", "argmin", "cumsum", "cumprod",
+                        "associative_scan", "dot", "xor_sum", "atomic_add", "atomic_max", "atomic_min",
+                        "atomic_cas", "atomic_xchg", "atomic_and", "atomic_or", "atomic_xor"})
+
+
+def _jit_fn(kernel):
+    """The jit function (JITFunction; InterpretedFunction under the interpreter) under an
+    Autotuner/Heuristics wrapper, or kernel itself: the object whose .fn is the Python function."""
+    while hasattr(kernel, "fn") and not inspect.isfunction(kernel.fn):
+        kernel = kernel.fn
+    return kernel
+
+
+def _is_jit(obj) -> bool:
+    return inspect.isfunction(getattr(obj, "fn", None))
+
+
+def reductions_in(kernel, _seen: Optional[set] = None) -> set[str]:
+    """The tl reductions (and atomics) a kernel performs, through the jit functions it calls."""
+    fn = _jit_fn(kernel).fn
+    seen = set() if _seen is None else _seen
+    if fn in seen:
+        return set()
+    seen.add(fn)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn)))):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in REDUCTIONS:
+            found.add(f.attr)
+        elif isinstance(f, ast.Name) and _is_jit(fn.__globals__.get(f.id)):
+            found |= reductions_in(fn.__globals__[f.id], seen)
+    return found
+
+
+TUNED: list = []  # the kernels maybe_autotune wraps (with a driver) or would wrap (without)
+
+
 def maybe_autotune(key: list[str], restore_value: Optional[list[str]] = None):
     """@triton.autotune over num_warps (the heuristic fixes every block size, hence the grid and
-    buffer shapes) when a GPU driver is present; the plain kernel otherwise.  restore_value: the
-    arguments a kernel updates in place, which the tuner's repeated runs must find unchanged."""
+    buffer shapes) when a GPU driver is present; the plain kernel otherwise.  For kernels that
+    reduce nothing only: it refuses one that does.  restore_value: the arguments a kernel updates
+    in place, which the tuner's repeated runs must find unchanged."""
     def wrap(fn):
+        found = reductions_in(fn)
+        if found:
+            raise TypeError(f"fanet: kernel {fn.__name__} reduces ({', '.join(sorted(found))}): its num_warps "
+                            "must come from the shape heuristic, not from timing")
+        TUNED.append(fn)
         if not AUTOTUNE:
             return fn
-        configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
+        # not 2 warps: a 1024-element step would be 16 values per thread (over 128 registers)
+        configs = [triton.Config({}, num_warps=w) for w in (4, 8)]
         return triton.autotune(configs=configs, key=key, restore_value=restore_value)(fn)
     return wrap
 
 
 def launch(kernel, grid, *args, num_warps: int, **meta) -> None:
-    """Launch with the heuristic's warps, or let the autotuner pick them."""
-    if AUTOTUNE:
-        kernel[grid](*args, **meta)
+    """Launch on the device device_of() made current, with the heuristic's warps unless the
+    kernel is autotuned.  No fp fusion: a * b + c rounds twice, as on the CPU backend and in
+    eager PyTorch (the kernels write tl.fma where the C++ kernels fuse)."""
+    device = guarded_device()
+    if device is None:
+        raise RuntimeError(f"fanet: internal error: Triton kernel {_jit_fn(kernel).fn.__name__} launched outside "
+                           "device_of() (it would run on the current device, not the tensors')")
+    if isinstance(kernel, triton.runtime.Autotuner):
+        kernel[grid](*args, **meta, enable_fp_fusion=False)
     else:
-        kernel[grid](*args, **meta, num_warps=num_warps)
+        kernel[grid](*args, **meta, num_warps=num_warps, enable_fp_fusion=False)
 
 
 # ---- launch heuristic ------------------------------------------------------------------------
@@ -91,6 +204,10 @@ class Sizes:
     max_block_c: int      # channels per channels_last pool tile
     target_programs: int  # programs a launch aims for
     max_iters: int = 16   # loop steps per program of the flat reductions
+    # Loop steps per program of the pool kernels: each lane of a channel sum adds at most this many
+    # values before the tile's tree sum, and the splits' partial sums are added in float64, so the
+    # sums' rounding error does not grow with H*W (as a plain running sum's would).
+    max_steps: int = 32
 
 
 GPU_SIZES = Sizes(block=1024, tile=2048, max_block_hw=512, max_block_c=128, target_programs=1024)
@@ -109,29 +226,52 @@ class PoolConfig:
     hw_per: int    # positions per split (a multiple of block_hw)
     num_warps: int
 
+    def reach(self, n: int, c: int, hw: int, channels_last: bool, rows: int = 1) -> int:
+        """A bound on the values the channel-block kernels' offsets and loop bounds take for an
+        (n, c, hw) tensor: element offsets of the last, partly masked tile (channel blocks round C
+        up; a step goes up to block_hw past the last position), the last split's end
+        (split * hw_per), and offsets into the (split, n, rows, c) sums."""
+        c_span = triton.cdiv(c, self.block_c) * self.block_c
+        hw_span = max(self.split * self.hw_per, hw) + self.block_hw
+        last = hw_span * c + c_span if channels_last else c_span * hw + hw_span
+        return max((n - 1) * c * hw + last, hw_span, (self.split * n + 1) * rows * c_span)
 
-def pool_config(n: int, c: int, hw: int, channels_last: bool, sz: Optional[Sizes] = None) -> PoolConfig:
+
+def tile_for(per_thread: int, sz: Optional[Sizes] = None) -> int:
+    """The tile (elements) for a kernel that may hold per_thread of them per thread: sz.tile is
+    PER_THREAD per thread at 8 warps; kernels that keep more values alive per element get a
+    proportionally smaller tile (still 8 warps)."""
+    sz = sz or sizes()
+    return max(1, sz.tile * per_thread // PER_THREAD)
+
+
+def pool_config(n: int, c: int, hw: int, channels_last: bool, sz: Optional[Sizes] = None,
+                per_thread: int = 8) -> PoolConfig:
     """Tiles for a program per (sample, channel block) sweeping H*W.
 
     NCHW: an (n, c) plane is contiguous, so a tile spans many positions of few channels;
     channels_last: a position's channels are contiguous, so a tile spans many channels.
     When N * channel blocks gives fewer than target_programs programs, H*W is split too (each
-    split at least 4 loop steps), and the per-split sums are added by a second, tiny reduction
-    in a fixed order.
+    split at least 4 loop steps), and so it is when a split would take more than max_steps loop
+    steps; the per-split sums are added by a second, tiny reduction in float64, in a fixed order.
+    per_thread: at most this many tile elements per thread (tile_for): what keeps the kernel under
+    128 registers (scripts/triton_compile_check.py measures it).
     """
     sz = sz or sizes()
+    tile = tile_for(per_thread, sz)
     p2 = triton.next_power_of_2
     if channels_last:
         block_c = min(p2(max(c, 1)), sz.max_block_c)
-        block_hw = max(1, min(p2(hw), sz.tile // block_c))
+        block_hw = max(1, min(p2(hw), tile // block_c))
     else:
         block_hw = min(p2(hw), sz.max_block_hw)
-        block_c = max(1, min(p2(max(c, 1)), sz.tile // block_hw))
+        block_c = max(1, min(p2(max(c, 1)), tile // block_hw))
     programs = max(1, n * triton.cdiv(c, block_c))
-    split = max(1, min(triton.cdiv(sz.target_programs, programs), triton.cdiv(hw, 4 * block_hw)))
+    split = max(1, min(triton.cdiv(sz.target_programs, programs), triton.cdiv(hw, 4 * block_hw)),
+                triton.cdiv(hw, sz.max_steps * block_hw))
     hw_per = triton.cdiv(triton.cdiv(hw, split), block_hw) * block_hw
     split = triton.cdiv(hw, hw_per)
-    return PoolConfig(block_c, block_hw, split, hw_per, warps_for(block_c * block_hw))
+    return PoolConfig(block_c, block_hw, split, hw_per, warps_for(block_c * block_hw, per_thread))
 
 
 def flat_config(n: int, m: int, sz: Optional[Sizes] = None) -> tuple[int, int, int]:
@@ -144,9 +284,17 @@ def flat_config(n: int, m: int, sz: Optional[Sizes] = None) -> tuple[int, int, i
     return block, iters, triton.cdiv(steps, iters)
 
 
-def warps_for(elements: int) -> int:
-    """Warps for a program handling this many elements per step: 4-8 elements per thread."""
-    return 8 if elements >= 2048 else 4 if elements >= 512 else 2
+# Elements per thread of a full tile (Sizes.tile at 8 warps), and at most 8 warps per program: a
+# program of 256 threads may use up to 255 registers per thread, so the checked limit (128, two
+# programs per SM) comes from the values per thread alone.
+PER_THREAD = 8
+
+
+def warps_for(elements: int, per_thread: int = PER_THREAD) -> int:
+    """Warps for a program handling this many elements per step: 4-8 elements per thread, at most
+    per_thread (kernels that keep more values alive per element ask for fewer), 2 to 8 warps."""
+    warps = 8 if elements >= 2048 else 4 if elements >= 512 else 2
+    return min(8, max(warps, triton.next_power_of_2(triton.cdiv(elements, 32 * per_thread))))
 
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -215,7 +363,7 @@ def tile_sum(x_ptr, u_ptr, out_ptr, kn, base, c, c_mask, C, HW, hw_lo, hw_hi,
         if GATE:
             uv = tl.load(u_ptr + offs, mask=mask, other=0).to(ACC)
             if NORM:
-                uv = uv * alpha[:, None] + beta[:, None]
+                uv = tl.fma(uv, alpha[:, None], beta[:, None])  # fused, as the C++ norm_branch
             if RESIDUAL:
                 uv, _ = residual_output(v, uv)
             v = v + (uv - v) * kn
@@ -225,7 +373,6 @@ def tile_sum(x_ptr, u_ptr, out_ptr, kn, base, c, c_mask, C, HW, hw_lo, hw_hi,
     return tl.sum(acc, axis=1)
 
 
-@maybe_autotune(key=["C", "HW"])
 @triton.jit
 def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, norm_ptr, N, C, HW, hw_per, divisor,
                 GATE: tl.constexpr, RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -238,6 +385,8 @@ def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, norm_ptr, N, C, HW, hw_p
     b = z * alpha[c] + beta[c], rows 0 and 1 of the (rows, C) table at norm_ptr."""
     n, c, c_mask = unit_channels(C, BLOCK_C, INT64)
     split = tl.program_id(1)
+    if INT64:  # the split's bounds too: hw_lo + hw_per and the last hw0 + BLOCK_HW may pass 2**31
+        split = split.to(tl.int64)
     kn = 0.0
     if GATE:
         kn = tl.load(k_ptr + n)
@@ -250,10 +399,10 @@ def pool_kernel(x_ptr, u_ptr, k_ptr, out_ptr, sums_ptr, norm_ptr, N, C, HW, hw_p
     hw_hi = tl.minimum(hw_lo + hw_per, HW)
     s = tile_sum(x_ptr, u_ptr, out_ptr, kn, n * C * HW, c, c_mask, C, HW, hw_lo, hw_hi,
                  GATE, CHANNELS_LAST, BLOCK_C, BLOCK_HW, ACC, RESIDUAL, NORM, alpha, beta)
-    tl.store(sums_ptr + (split * N + n) * C + c, (s / divisor).to(sums_ptr.dtype.element_ty), mask=c_mask)
+    mean = div_ieee(s, tl.full([BLOCK_C], divisor, ACC))
+    tl.store(sums_ptr + (split * N + n) * C + c, mean.to(sums_ptr.dtype.element_ty), mask=c_mask)
 
 
-@maybe_autotune(key=["M", "C", "HW"])
 @triton.jit
 def _gate_bwd_kernel(g_ptr, gp_ptr, x_ptr, u_ptr, k_ptr, gx_ptr, gu_ptr, partial_ptr, M, C, HW, P, iters,
                      HAS_G: tl.constexpr, FOLD: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -319,7 +468,8 @@ def channel_sums(x: torch.Tensor, u: Optional[torch.Tensor], k: Optional[torch.T
     n, c, h, w = x.shape
     hw = h * w
     cl = fmt == torch.channels_last
-    cfg = pool_config(n, c, hw, cl)
+    # the branch's norm coefficients and float64 keep more registers per element: smaller tiles
+    cfg = pool_config(n, c, hw, cl, per_thread=4 if norm is not None or x.dtype == torch.float64 else 8)
     acc = _validate.acc_dtype(x.dtype)
     if n * c == 0:
         return torch.zeros((n, c), dtype=dtype, device=x.device)
@@ -329,12 +479,12 @@ def channel_sums(x: torch.Tensor, u: Optional[torch.Tensor], k: Optional[torch.T
     grid = (n * triton.cdiv(c, cfg.block_c), cfg.split)
     launch(pool_kernel, grid, x, u if gate else x, k if gate else x, out if gate else x, sums,
            norm if norm is not None else sums, n, c, hw, cfg.hw_per, hw if cfg.split == 1 else 1,
-           GATE=gate, RESIDUAL=residual, CHANNELS_LAST=cl, INT64=need_int64(x.numel()),
+           GATE=gate, RESIDUAL=residual, CHANNELS_LAST=cl, INT64=need_int64(cfg.reach(n, c, hw, cl)),
            BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, ACC=acc_tl(x.dtype), NORM=norm is not None,
            num_warps=cfg.num_warps)
     if cfg.split == 1:
         return sums[0]
-    return (sums.sum(0) / hw).to(dtype)
+    return (sums.double().sum(0) / hw).to(dtype)
 
 
 def _u_name(residual: bool) -> str:
@@ -356,18 +506,27 @@ def _gate_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tenso
     if numel:
         block = min(sizes().block, triton.next_power_of_2(numel))
         launch(_gate_flat_kernel, (triton.cdiv(numel, block),), x, u, ka, out, numel, numel // x.shape[0],
-               INT64=need_int64(numel), BLOCK=block, ACC=acc_tl(x.dtype), num_warps=warps_for(block))
+               INT64=need_int64(numel + block), BLOCK=block, ACC=acc_tl(x.dtype), num_warps=warps_for(block))
     return out
 
 
 def _gate_pool_impl(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, residual: bool = False,
-                    norm: Optional[torch.Tensor] = None, u_name: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    norm: Optional[torch.Tensor] = None,
+                    u_name: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_pool; residual_gate_pool (u is the branch) if residual; with a norm table (see
     channel_sums), bn_residual_gate_pool's gate (u is z)."""
     x, u, ka, fmt = _prepare(x, u, k, u_name or _u_name(residual))
     out = _validate.empty_out(x)
     pooled = channel_sums(x, u, ka, out, fmt, x.dtype, residual, norm)
     return out, pooled
+
+
+def pooled_grad_share(grad_pooled: torch.Tensor, acc: torch.dtype, hw: int) -> torch.Tensor:
+    """grad_pooled * (1 / HW) in the acc dtype, d pooled / d out folded into grad_out by the backward
+    kernels: 1 / HW rounded first, then the product, as the C++ kernels' fold_pooled_grad, so the
+    gradients round alike on every backend."""
+    inv_hw = torch.ones((), dtype=acc, device=grad_pooled.device) / hw
+    return (grad_pooled.to(acc) * inv_hw).contiguous()
 
 
 def _check_grad_like(g: torch.Tensor, x: torch.Tensor, name: str) -> None:
@@ -408,12 +567,13 @@ def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[
     partial = torch.empty((n, per_sample), dtype=acc, device=x.device)
     if x.numel():
         g = in_kernel_format(grad_out.to(x.dtype), fmt) if grad_out is not None else x
-        # d pooled / d out = 1 / HW, divided here as autograd of mean does.
-        gp = (grad_pooled.to(acc) / hw).contiguous() if grad_pooled is not None else ka
+        gp = pooled_grad_share(grad_pooled, acc, hw) if grad_pooled is not None else ka
         launch(_gate_bwd_kernel, (n * per_sample,), g, gp, x, u, ka, gx, gu, partial, m, c, hw,
                per_sample, iters, HAS_G=grad_out is not None, FOLD=grad_pooled is not None,
-               RESIDUAL=residual, CHANNELS_LAST=fmt == torch.channels_last, INT64=need_int64(x.numel()),
-               BLOCK=block, ACC=acc_tl(x.dtype), num_warps=warps_for(block))
+               RESIDUAL=residual, CHANNELS_LAST=fmt == torch.channels_last,
+               INT64=need_int64(x.numel() + iters * block),  # a program's steps may pass its sample's end
+               BLOCK=block, ACC=acc_tl(x.dtype),
+               num_warps=warps_for(block, 4 if x.dtype == torch.float64 else PER_THREAD))
     # Per-sample sum of the per-program partials, in program order: deterministic.
     return gx, gu, partial.sum(1).to(kdtype)
 
@@ -421,37 +581,43 @@ def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[
 # ---- custom ops ------------------------------------------------------------------------------
 @torch.library.custom_op("fanet_triton::gate", mutates_args=())
 def gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return _gate_impl(x, u, k)
+    with device_of(x):
+        return _gate_impl(x, u, k)
 
 
 @torch.library.custom_op("fanet_triton::gate_pool", mutates_args=())
 def gate_pool(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gate_pool_impl(x, u, k)
+    with device_of(x):
+        return _gate_pool_impl(x, u, k)
 
 
 @torch.library.custom_op("fanet_triton::residual_gate_pool", mutates_args=())
 def residual_gate_pool(x: torch.Tensor, branch: torch.Tensor,
                        k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gate_pool_impl(x, branch, k, residual=True)
+    with device_of(x):
+        return _gate_pool_impl(x, branch, k, residual=True)
 
 
 @torch.library.custom_op("fanet_triton::gate_backward", mutates_args=())
 def gate_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
                   k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _gate_backward_impl(grad_out, None, x, u, k)
+    with device_of(x):
+        return _gate_backward_impl(grad_out, None, x, u, k)
 
 
 @torch.library.custom_op("fanet_triton::gate_pool_backward", mutates_args=())
 def gate_pool_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor], x: torch.Tensor,
                        u: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _gate_backward_impl(grad_out, grad_pooled, x, u, k)
+    with device_of(x):
+        return _gate_backward_impl(grad_out, grad_pooled, x, u, k)
 
 
 @torch.library.custom_op("fanet_triton::residual_gate_pool_backward", mutates_args=())
 def residual_gate_pool_backward(grad_out: Optional[torch.Tensor], grad_pooled: Optional[torch.Tensor],
                                 x: torch.Tensor, branch: torch.Tensor,
                                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _gate_backward_impl(grad_out, grad_pooled, x, branch, k, residual=True)
+    with device_of(x):
+        return _gate_backward_impl(grad_out, grad_pooled, x, branch, k, residual=True)
 
 
 @gate.register_fake
