@@ -146,7 +146,8 @@ def render_ops(groups: dict[str, dict[str, dict]]) -> tuple[dict[str, list[str]]
                    "|" + "---|" * (7 + 5 * len(fused))]
         for name, rows in items:
             info = next(iter(rows.values()))["extra_info"]
-            t_clone, t_ref, t_comp = median(rows.get("clone")), median(rows.get("reference")), median(rows.get("compiled"))
+            t_clone, t_ref = median(rows.get("clone")), median(rows.get("reference"))
+            t_comp = median(rows.get("compiled"))
             cells = [info["family"], "x".join(map(str, info["shape"])), info["dtype"], info["layout"],
                      ms(t_clone), ms(t_ref), ms(t_comp)]
             for f in fused:

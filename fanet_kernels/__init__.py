@@ -12,7 +12,7 @@ backends.preload()
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply_fa", "available_backends", "backends", "bn_residual_gate_pool", "collect_k", "complexity", "FAGate", "FASequential",
-    "FAStage", "FAStages", "focus", "gate", "gate_pool", "get_backend", "HAS_EXTENSION", "ops",
+    "apply_fa", "available_backends", "backends", "bn_residual_gate_pool", "collect_k", "complexity", "FAGate",
+    "FASequential", "FAStage", "FAStages", "focus", "gate", "gate_pool", "get_backend", "HAS_EXTENSION", "ops",
     "reference", "residual_gate_pool", "ResidualBlock", "SEBlock", "set_backend", "use_backend", "zoo",
 ]

@@ -88,7 +88,8 @@ def check_bn(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_
     c = z.shape[1]
     _need((running_mean is None) == (running_var is None),
           f"arguments '{names[0]}' and '{names[1]}' must both be given or both be None")
-    _need(training or running_mean is not None, f"arguments '{names[0]}' and '{names[1]}' are required when not training")
+    _need(training or running_mean is not None,
+          f"arguments '{names[0]}' and '{names[1]}' are required when not training")
     for name, t in (("weight", weight), ("bias", bias)):
         _need(t is not None, f"argument '{name}' must be a tensor (an affine BatchNorm's), got None")
     for name, t in (("weight", weight), ("bias", bias), (names[0], running_mean), (names[1], running_var)):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ..modules import FAStages, SEBlock
 
 
-def conv_bn(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int = 1, eps: float = 1e-5) -> nn.Sequential:
+def conv_bn(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int = 1,
+            eps: float = 1e-5) -> nn.Sequential:
     """Conv (no bias: BN follows) + BN."""
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
                          nn.BatchNorm2d(cout, eps=eps))
