@@ -184,6 +184,15 @@ run_step() {
 
 # The build, and a check that the CUDA kernels are in it.
 build() {  # runs under `bash -c` with PY exported and MAX_JOBS, FANET_CUDA set by its step
+  # pyproject.toml's SPDX license string needs setuptools >= 77; an older one (nothing can be
+  # installed there) reads the table form, which says the same.
+  local st
+  st=$("$PY" -c "import setuptools; print(setuptools.__version__)" 2>/dev/null || echo 0)
+  echo "setuptools $st"
+  if [ "${st%%.*}" -lt 77 ] 2>/dev/null; then
+    echo "gpu_check: setuptools $st < 77: pyproject.toml's license becomes { text = ... } for this build"
+    sed -i 's/^license = "\(.*\)"$/license = { text = "\1" }/' pyproject.toml
+  fi
   echo "+ MAX_JOBS=$MAX_JOBS FANET_CUDA=$FANET_CUDA $PY -m pip install --no-index --no-build-isolation --no-deps -v -e ."
   if ! "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .; then
     echo "gpu_check: pip could not install editable; falling back to: $PY setup.py build_ext --inplace"
