@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from . import backends, complexity, ops, reference, zoo
+from .zoo.timm_api import register_when_imported as _register_with_timm
 from .apply import apply_fa
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .modules import FAGate, FASequential, FAStage, FAStages, ResidualBlock, SEBlock, collect_k
 from .ops import HAS_EXTENSION, bn_residual_gate_pool, focus, gate, gate_pool, residual_gate_pool
 
 backends.preload()
+_register_with_timm()  # timm.create_model("fa_resnet56") works, whether timm is imported before or after
 
 __version__ = "0.1.0"
 

@@ -3,9 +3,11 @@ model) into its FA version in place (SPEC §2).
 
 Each ``layerN`` becomes an :class:`~fanet_kernels.modules.FAStage`: its blocks stay children
 "0", "1", ... (an FA chain, block 0 ungated), stage 1 is not gated, and stages N >= 2 are gated
-with P = the ``downsample`` shortcut of their first block (reused, no new weights).  The
-stages hand ``(x, history)`` to each other, so the model's own forward (which calls layer1 ..
-layerN in a row) is unchanged and stays ``torch.compile(fullgraph=True)``-able.
+with P = the ``downsample`` shortcut of their first block (reused, no new weights).  Each stage
+returns a tensor, as the layer it replaces (hooks, IntermediateLayerGetter and timm's
+forward_intermediates work); the stage-level attention history rides on that tensor to the next
+stage, so the model's own forward (which calls layer1 .. layerN in a row) is unchanged and stays
+``torch.compile(fullgraph=True)``-able.
 
 torchvision's ``BasicBlock`` and ``Bottleneck`` become :class:`~fanet_kernels.modules.ResidualBlock`
 subclasses of themselves (same modules, keys and results; ``isinstance`` still holds), so the FA
@@ -35,11 +37,16 @@ class BatchNorm2dSE(nn.BatchNorm2d):
 
 
 def _add_se(block: nn.Module, r: int) -> None:
-    name = "bn3" if isinstance(getattr(block, "bn3", None), nn.BatchNorm2d) else "bn2"
+    # SE goes after the norm that ends the residual branch: bn3 in a bottleneck block, bn2 in a basic one
+    name = "bn3" if getattr(block, "bn3", None) is not None else "bn2"
     bn = getattr(block, name, None)
+    if bn is None:
+        raise TypeError(f"apply_fa(se=True): {type(block).__name__} has no bn3 or bn2 (the BatchNorm2d that ends its "
+                        "residual branch, after which SE goes); its children are "
+                        f"{', '.join(n for n, _ in block.named_children())}: use se=False")
     if type(bn) is not nn.BatchNorm2d:
-        raise TypeError(f"apply_fa(se=True): {type(block).__name__}.{name} must be an nn.BatchNorm2d, "
-                        f"got {type(bn).__name__}")
+        raise TypeError(f"apply_fa(se=True): {type(block).__name__}.{name}, the norm that ends its residual branch, is "
+                        f"a {type(bn).__name__}, not an nn.BatchNorm2d (SE goes after that BatchNorm2d): use se=False")
     bn.__class__ = BatchNorm2dSE  # same parameters and buffers, same keys
     bn.se = SEBlock(bn.num_features, r).to(device=bn.weight.device, dtype=bn.weight.dtype)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -182,8 +183,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def resolve(name: Optional[str], device: torch.device) -> Backend:
-    """The Backend for a call: ``name`` (or the global setting) for tensors on ``device``."""
+    """The Backend for a call: ``name`` (or the global setting) for tensors on ``device``.  During
+    ``torch.onnx.export`` (either exporter) every name resolves to ``reference``: the fused ops have no
+    ONNX translation, and the reference's plain ATen ops (the spec, same results) export as they are."""
     name = _current() if name is None else _check_name(name)
+    if _in_onnx_export():
+        return load("reference")  # type: ignore[return-value]  (the reference always loads)
     dev = device.type
     transformed = _in_autograd_transform()
     if name == "auto":
@@ -206,6 +211,15 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
                            "jacfwd or hessian: its ops' autograd does not support them; use backend 'reference' or "
                            "'auto' there")
     return backend
+
+
+def _in_onnx_export() -> bool:
+    """Inside torch.onnx.export: its TorchScript exporter and, in its first capture (non-strict
+    torch.export, which runs this Python), its dynamo one set the flag that is_in_onnx_export reads.
+    Asked only once torch.onnx is imported (import fanet_kernels does not import it), so op calls
+    pay nothing for it otherwise; not asked while Dynamo traces (torch.compile, strict export)."""
+    return (not torch.compiler.is_dynamo_compiling() and "torch.onnx" in sys.modules
+            and torch.onnx.is_in_onnx_export())
 
 
 def _in_autograd_transform() -> bool:

@@ -17,6 +17,13 @@ __all__ = ["FAOutput", "FAGate", "FASequential", "FAStage", "FAStages", "Residua
            "collect_k", "out_channels"]
 
 
+class _NotScriptable:
+    # torch.jit.script calls this on every module before compiling any: one clear refusal up front
+    def __prepare_scriptable__(self):
+        raise RuntimeError(f"{type(self).__name__}: FA modules do not support torch.jit.script; use torch.compile, "
+                           "torch.export or torch.jit.trace")
+
+
 class FAOutput(NamedTuple):
     out: torch.Tensor            # X_{i+1}
     k: torch.Tensor              # (N,) attention of this block
@@ -24,7 +31,7 @@ class FAOutput(NamedTuple):
     pooled: torch.Tensor         # (N, C) channel means of out: the focus input of the next gate
 
 
-class FAGate(nn.Module):
+class FAGate(_NotScriptable, nn.Module):
     """Focus + association + weighting of the block at position ``index`` >= 1 of a chain.
 
     ``forward(x, u, history=None, pooled_x=None, x_proj=None, residual=False)``: x = X_i (block
@@ -76,47 +83,65 @@ class FAGate(nn.Module):
         if len(hist) != self.index - 1:
             raise ValueError(f"FAGate(index={self.index}): argument 'history' must hold k_1 .. k_{self.index - 1} "
                              f"({self.index - 1} tensors), got {len(hist)}")
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"FAGate(index={self.index}): argument 'x' must be (N, {self.channels}, H, W) "
-                             f"(the gate was built for channels={self.channels}), got {list(x.shape)}")
-        if pooled_x is not None and tuple(pooled_x.shape) != (x.shape[0], self.channels):
-            raise ValueError(f"FAGate(index={self.index}): argument 'pooled_x' must be (N, C) = "
-                             f"({x.shape[0]}, {self.channels}), got {list(pooled_x.shape)}")
-        for j, h in enumerate(hist):
-            if h.shape != x.shape[:1]:
-                raise ValueError(f"FAGate(index={self.index}): argument 'history' must hold (N,) = "
-                                 f"({x.shape[0]},) tensors, got {list(h.shape)} at position {j}")
-        # A block may return another dtype than its input (under autocast a BatchNorm block returns
-        # float32, a conv block bfloat16): promote both, as x + (u - x) * k would.
-        if x_proj is None and u.dtype != x.dtype:
-            dt = torch.promote_types(x.dtype, u.dtype)
-            x, u = x.to(dt), u.to(dt)
-        elif x_proj is not None and u.dtype != x_proj.dtype:
-            dt = torch.promote_types(x_proj.dtype, u.dtype)
-            x_proj, u = x_proj.to(dt), u.to(dt)
-        if x_proj is None and not residual and u.shape != x.shape:
-            raise ValueError(f"FAGate(index={self.index}): block {self.index}'s output 'u' {list(u.shape)} differs "
-                             f"from its input 'x' {list(x.shape)}: give the gate 'x_proj' (FASequential: "
-                             "'projections')")
-        w = self.params()
-        if pooled_x is None:
-            k = ops.focus(x, w["w1"], w["b1"], w["w2"], w["b2"], backend=self.backend)
-        else:
-            k = ops.mlp(pooled_x, w["w1"], w["b1"], w["w2"], w["b2"], backend=self.backend)
-        if self.index >= 2:  # association (reference.associate), as one op
-            k = ops.mlp(torch.stack([*hist, k], dim=1), w["w3"], w["b3"], w["w4"], w["b4"], backend=self.backend)
-        if norm is not None:
-            if not residual:
-                raise ValueError(f"FAGate(index={self.index}): argument 'norm' needs residual=True")
-            out, pooled = ops.bn_residual_gate_pool(x, u, k, *batch_norm_args(norm), backend=self.backend)
-        elif residual:
-            out, pooled = ops.residual_gate_pool(x, u, k, backend=self.backend)
-        else:
-            out, pooled = ops.gate_pool(x if x_proj is None else x_proj, u, k, backend=self.backend)
+        if norm is not None and not residual:
+            raise ValueError(f"FAGate(index={self.index}): argument 'norm' needs residual=True")
+        # out comes last: torch.fx and create_feature_extractor take a module's last node as its output
+        k, pooled, out = _gate(self.index, self.channels, self.backend, x, u, hist, pooled_x, x_proj, residual,
+                               None if norm is None else batch_norm_args(norm), self.params())
         return FAOutput(out, k, [*hist, k], pooled)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, index={self.index}, backend={self.backend}"
+
+
+@torch.fx.wrap
+def _gate(index: int, channels: int, backend: Optional[str], x: torch.Tensor, u: torch.Tensor,
+          hist: list[torch.Tensor], pooled_x: Optional[torch.Tensor], x_proj: Optional[torch.Tensor], residual: bool,
+          bn: Optional[tuple], w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FAGate's checks and fused ops: (k, pooled, out).  One function that torch.fx records as one call
+    (torch.fx.wrap), since its checks branch on shapes and dtypes, which FX cannot trace."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"FAGate(index={index}): argument 'x' must be (N, {channels}, H, W) "
+                         f"(the gate was built for channels={channels}), got {list(x.shape)}")
+    if pooled_x is not None and tuple(pooled_x.shape) != (x.shape[0], channels):
+        raise ValueError(f"FAGate(index={index}): argument 'pooled_x' must be (N, C) = "
+                         f"({x.shape[0]}, {channels}), got {list(pooled_x.shape)}")
+    for j, h in enumerate(hist):
+        if h.shape != x.shape[:1]:
+            raise ValueError(f"FAGate(index={index}): argument 'history' must hold (N,) = "
+                             f"({x.shape[0]},) tensors, got {list(h.shape)} at position {j}")
+    # A block may return another dtype than its input (under autocast a BatchNorm block returns
+    # float32, a conv block bfloat16): promote both, as x + (u - x) * k would.
+    if x_proj is None and u.dtype != x.dtype:
+        dt = torch.promote_types(x.dtype, u.dtype)
+        x, u = x.to(dt), u.to(dt)
+    elif x_proj is not None and u.dtype != x_proj.dtype:
+        dt = torch.promote_types(x_proj.dtype, u.dtype)
+        x_proj, u = x_proj.to(dt), u.to(dt)
+    if x_proj is None and not residual and u.shape != x.shape:
+        raise ValueError(f"FAGate(index={index}): block {index}'s output 'u' {list(u.shape)} differs "
+                         f"from its input 'x' {list(x.shape)}: give the gate 'x_proj' (FASequential: "
+                         "'projections')")
+    if pooled_x is None:
+        k = ops.focus(x, w["w1"], w["b1"], w["w2"], w["b2"], backend=backend)
+    else:
+        k = ops.mlp(pooled_x, w["w1"], w["b1"], w["w2"], w["b2"], backend=backend)
+    if index >= 2:  # association (reference.associate), as one op
+        k = ops.mlp(torch.stack([*hist, k], dim=1), w["w3"], w["b3"], w["w4"], w["b4"], backend=backend)
+    if bn is not None:
+        out, pooled = ops.bn_residual_gate_pool(x, u, k, *_count_batch(bn), backend=backend)
+    elif residual:
+        out, pooled = ops.residual_gate_pool(x, u, k, backend=backend)
+    else:
+        out, pooled = ops.gate_pool(x if x_proj is None else x_proj, u, k, backend=backend)
+    return k, pooled, out
+
+
+def _tracing() -> bool:
+    """True while torch.fx or torch.export traces: the k records (module attributes) stay out of the
+    graph then.  torch.compile keeps them: Dynamo replays the assignment after the graph."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_exporting()
+
 
 
 def out_channels(module: nn.Module) -> int:
@@ -176,16 +201,25 @@ def _foldable_norm(block: ResidualBlock) -> Optional[nn.BatchNorm2d]:
 
 
 def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
-    """(weight, bias, running_mean, running_var, training, momentum, eps): what ``bn.forward`` passes
-    to F.batch_norm, counting ``num_batches_tracked`` as it does (torch/nn/modules/batchnorm.py)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    """(weight, bias, running_mean, running_var, training, momentum, eps, counter): what ``bn.forward``
+    passes to F.batch_norm, with ``counter`` = the ``num_batches_tracked`` that this call counts
+    (None if none), which ``_count_batch`` advances when the call runs (torch/nn/modules/batchnorm.py)."""
+    counted = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
     training = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     return (bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None, training,
-            factor, bn.eps)
+            bn.momentum, bn.eps, bn.num_batches_tracked if counted else None)
+
+
+def _count_batch(bn: tuple) -> tuple:
+    """batch_norm_args' tuple as F.batch_norm's arguments (..., training, factor, eps), counting the
+    batch.  Run inside ``_gate``, so that a torch.fx graph keeps the count with the op."""
+    weight, bias, mean, var, training, momentum, eps, counter = bn
+    factor = 0.0 if momentum is None else momentum
+    if counter is not None:
+        counter.add_(1)
+        factor = 1.0 / float(counter) if momentum is None else momentum
+    return weight, bias, mean, var, training, factor, eps
 
 
 def _seq(blocks) -> list[nn.Module]:
@@ -195,7 +229,7 @@ def _seq(blocks) -> list[nn.Module]:
     return blocks
 
 
-class FASequential(nn.Module):
+class FASequential(_NotScriptable, nn.Module):
     """An FA chain over ``blocks`` (an nn.Sequential or a list): block 0 ungated, block i >= 1
     weighted by gate ``fa[i-1]``.  Blocks keep their names "0", "1", ... so a state_dict of the
     plain nn.Sequential loads (the new ``fa.*`` keys are then missing).  ``channels``: int, one
@@ -259,7 +293,8 @@ class FASequential(nn.Module):
             else:
                 xp = proj[str(i)](x)
             x, _, hist, pooled = self.fa[i - 1](x, block(x), hist, pooled_x=pooled, x_proj=xp)
-        self.last_k = [k.detach() for k in hist]  # under torch.compile too: Dynamo replays the assignment
+        if not _tracing():  # under torch.compile too: Dynamo replays the assignment
+            self.last_k = [k.detach() for k in hist]
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,9 +320,13 @@ def _find_shortcut(block: nn.Module) -> str:
 
 class FAStage(FASequential):
     """One stage of a multi-stage FA network (SPEC §2): an FA chain (``chain=False``: plain blocks)
-    plus, for ``index`` >= 1, the stage-level gate.  Stages pass ``(x, history)`` to each other,
-    so they can replace ``layer1 .. layerN`` of a model whose forward calls them in a row; the stage
-    with ``last=True`` returns a plain tensor.  P: ``pre`` (a module run on the stage input, whose
+    plus, for ``index`` >= 1, the stage-level gate.  A stage takes and returns a tensor, as the
+    stage it replaces, so it can replace ``layer1 .. layerN`` of a model whose forward calls them in a
+    row (forward hooks, torchvision's IntermediateLayerGetter and timm's forward_intermediates see
+    tensors).  The stage-level history [k_1 .. k_s] travels on the output tensor itself (an attribute
+    the next stage reads, see ``_with_history``): nothing of a call stays on the module or in a global,
+    so threads do not mix, and a chain cut short (layer1 .. layer3 only) leaves nothing behind.  The
+    stage with ``last=True`` returns its output without it.  P: ``pre`` (a module run on the stage input, whose
     output feeds the chain, e.g. Inception's reduction block) or ``proj`` (default: the shortcut of
     block 0, found by attribute name; a string is a submodule path) applied to the stage input.
     """
@@ -330,10 +369,8 @@ class FAStage(FASequential):
             return self.stage_proj(x)
         return kept if kept is not None else self.get_submodule(self._proj_path)(x)
 
-    def forward(self, inp: Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]
-                ) -> Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
-        """``x`` or ``(x, history)`` in; ``(out, history)`` out, or ``out`` for the last stage."""
-        x, hist = inp if isinstance(inp, tuple) else (inp, [])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hist = _history_of(x, self.index) if self.index >= 2 else []
         if "pre" in self._modules:
             x = self.pre(x)
         if self.index == 0:
@@ -348,11 +385,39 @@ class FAStage(FASequential):
             xp = x if "pre" in self._modules else self._project(x, kept.get(self))
             r = self.stage_fa(xp, u, hist)
             out, hist = r.out, r.history
-            self.last_stage_k = r.k.detach()
-        return out if self.last else (out, hist)
+            if not _tracing():
+                self.last_stage_k = r.k.detach()
+        return out if self.last else _with_history(out, hist)
 
 
-class FAStages(nn.Module):
+# The stage-level history [k_1 .. k_s] of stage s's output, kept as an attribute of that tensor: the
+# next stage reads it from its input.  It lives exactly as long as the tensor, belongs to one call
+# (so to one thread), and under torch.fx / torch.export / torch.compile the tracer sees the
+# attribute on its proxy or fake tensor, so the traced graph wires k_s from gate to gate.
+_HISTORY = "_fanet_stage_history"
+
+
+def _with_history(out: torch.Tensor, hist: list[torch.Tensor]) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Dynamo traces an attribute store only on a tensor it saw made by a one-output op (not on
+        # one item of a fused op's tuple); a view is such a tensor.  Written as a plain store, as
+        # Dynamo does not trace setattr() on a tensor.
+        out = out.view_as(out)
+    out._fanet_stage_history = hist
+    return out
+
+
+def _history_of(x: torch.Tensor, index: int) -> list[torch.Tensor]:
+    # a torch.fx Proxy answers any attribute it lacks with a new Proxy: look in its own __dict__
+    hist = vars(x).get(_HISTORY) if isinstance(x, torch.fx.Proxy) else getattr(x, _HISTORY, None)
+    if hist is None:
+        raise ValueError(f"FAStage(index={index}): its input carries no stage-level attention history: give it "
+                         f"the output of stage {index - 1} itself (call the stages in a row, as ResNet.forward "
+                         "does, or use FAStages)")
+    return hist
+
+
+class FAStages(_NotScriptable, nn.Module):
     """The stage level over ``stages`` (each an nn.Sequential of blocks): every stage an FA chain
     (``chain=True``), stage 0 ungated, stage s >= 1 gated with P = ``projections[s]`` (default
     "auto": the shortcut of its first block) or run on ``pre[s]`` (x).  ``channels[s]`` (an int:

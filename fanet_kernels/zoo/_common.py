@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modules import FAStages, SEBlock
+from ..modules import out_channels as out_channels_of
+from ._api import ZooModel, make_head
 
 
 def conv_bn(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int = 1,
@@ -31,10 +33,11 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class StagedNet(nn.Module):
+class StagedNet(ZooModel):
     """The frame of the CIFAR ResNet and ResNeXt: a 3x3 conv + BN + ReLU stem (stride 2 for Tiny
     ImageNet, paper §IV.B), the stages (with ``fa``: every stage an FA chain plus the stage level,
-    paper Fig. 4), global average pooling and a Linear head."""
+    paper Fig. 4), global average pooling and a Linear head (none for ``num_classes=0``).
+    Feature points (``feature_info``): the stem and each stage (stride 2 from the second on)."""
 
     def __init__(self, stem_channels: int, stages: list[nn.Sequential], out_channels: int, num_classes: int,
                  fa: bool, tiny_imagenet: bool, r1: int, r2: int, backend: Optional[str]):
@@ -42,9 +45,22 @@ class StagedNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, stem_channels, 3, 2 if tiny_imagenet else 1, 1, bias=False),
                                   nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True))
         self.layers = FAStages(stages, r1=r1, r2=r2, backend=backend) if fa else nn.Sequential(*stages)
-        self.fc = nn.Linear(out_channels, num_classes)
+        self.num_classes, self.num_features = num_classes, out_channels
+        self.fc = make_head(out_channels, num_classes)
         init_weights(self)
+        r = 2 if tiny_imagenet else 1
+        self.feature_info = [dict(num_chs=stem_channels, reduction=r, module="stem")] + [
+            dict(num_chs=out_channels_of(st), reduction=r * 2 ** s, module=f"layers.{s}")
+            for s, st in enumerate(stages)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x))
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def feature_maps(self, x: torch.Tensor, stop: Optional[int] = None) -> list[torch.Tensor]:
+        out = [self.stem(x)]
+        for s in range(len(self.layers) if stop is None else min(len(self.layers), stop - 1)):
+            out.append(self.layers[s](out[-1]))  # an FA stage reads the stage history off its input
+        return out

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modules import FAStages
+from ._api import ZooModel, make_head
 from ._common import maybe_se
 
 
@@ -115,7 +116,10 @@ class _Mixed(_Branches):
     """Stem pieces: parallel conv / max-pool branches (valid padding, as the original)."""
 
 
-class InceptionV4(nn.Module):
+class InceptionV4(ZooModel):
+    """Feature points (``feature_info``): the stem and each stage; reductions nominal (of the padded
+    input; the stem's unpadded convs leave 9x9 of 96x96), as timm's inception_v4 gives them."""
+
     def __init__(self, num_classes: int = 10, se_reduction: Optional[int] = None, fa: bool = False,
                  tiny_imagenet: bool = False, input_size: int = 96, reduction_b_kernel: int = 7,
                  r1: int = 4, r2: int = 4, backend: Optional[str] = None):
@@ -137,11 +141,25 @@ class InceptionV4(nn.Module):
         else:
             self.layers = nn.Sequential(stages[0], nn.Sequential(pre[1], *stages[1]),
                                         nn.Sequential(pre[2], *stages[2]))
-        self.fc = nn.Linear(1536, num_classes)
+        self.num_classes, self.num_features = num_classes, 1536
+        self.fc = make_head(1536, num_classes)
+        self.feature_info = [dict(num_chs=c, reduction=r, module=m) for c, r, m in (
+            (384, 8, "stem"), (384, 8, "layers.0"), (1024, 16, "layers.1"), (1536, 32, "layers.2"))]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = max(0, self.input_size - x.shape[2]), max(0, self.input_size - x.shape[3])
         if ph or pw:
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(self._pad(x)))
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def feature_maps(self, x: torch.Tensor, stop: Optional[int] = None) -> list[torch.Tensor]:
+        out = [self.stem(self._pad(x))]
+        for s in range(3 if stop is None else min(3, stop - 1)):
+            out.append(self.layers[s](out[-1]))  # an FA stage reads the stage history off its input
+        return out

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..modules import FASequential
+from ._api import ZooModel, make_head
 from ._common import conv_bn, init_weights, maybe_se
 
 CFG = ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4)
@@ -30,7 +31,11 @@ def _group(cin: int, widths, se_reduction: Optional[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class VGG19(nn.Module):
+class VGG19(ZooModel):
+    """Feature points (``feature_info``): the output of each conv group (gated, with ``fa``)."""
+
+    head_name = "classifier"
+
     def __init__(self, num_classes: int = 10, se_reduction: Optional[int] = None, fa: bool = False,
                  tiny_imagenet: bool = False, r1: int = 4, r2: int = 4, backend: Optional[str] = None):
         super().__init__()
@@ -48,8 +53,32 @@ class VGG19(nn.Module):
             self.features = nn.Sequential(*groups)
         # paper §IV.B: global max pool before the FC for Tiny ImageNet (2x2 left at 64x64)
         self.pool = nn.AdaptiveMaxPool2d(1) if tiny_imagenet else nn.Identity()
-        self.classifier = nn.Linear(512, num_classes)
+        self.num_classes, self.num_features = num_classes, 512
+        self.classifier = make_head(512, num_classes)
         init_weights(self)
+        self.feature_info = [dict(num_chs=w[-1], reduction=2 ** (i + 1), module=f"features.{i}")
+                             for i, w in enumerate(CFG)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(x), 1)
+
+    def feature_maps(self, x: torch.Tensor, stop: Optional[int] = None) -> list[torch.Tensor]:
+        if not isinstance(self.features, FASequential):
+            out = []
+            for group in list(self.features)[:stop]:
+                out.append(x := group(x))
+            return out
+        # the FA chain runs its groups and gates in one loop: group 0's output and each gate's come
+        # from forward hooks (on gates and group 0 only: a hook on group i >= 1 changes nothing here)
+        out = []
+        hooks = [m.register_forward_hook(lambda m, a, o: out.append(o if isinstance(o, torch.Tensor) else o[0]))
+                 for m in (self.features[0], *self.features.fa)]
+        try:
+            self.features(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out[:stop]
