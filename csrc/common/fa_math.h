@@ -34,6 +34,14 @@
 
 namespace fanet {
 
+// Long sums (the pools, grad_k, the BatchNorm's channel sums) add at most kSumSteps values into one
+// accumulator of the accumulation type (a SIMD lane on the CPU, a thread's register on CUDA), then
+// move that accumulator into a double total.  A float32 chain over a whole plane loses accuracy as
+// H * W grows (at 2048x2048, a hundred times ATen's error); chains of 64 keep every sum as accurate
+// as ATen's cascade sum at any plane size, for one double add per 64 values.  The totals are added
+// in an order fixed by the shapes, so the sums stay deterministic.
+constexpr int64_t kSumSteps = 64;
+
 // Rows of bn_residual_gate_pool's (kNormRows, C) table: B = z * alpha + beta is the normalized
 // branch, xhat = z * invstd + shift the normalized input (math::norm_table_column).
 enum NormRow { kAlpha, kBeta, kInvstd, kShift, kNormRows };

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -177,6 +178,99 @@ inline int64_t grain_for(int64_t unit_elems) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Long sums: acc_t lane vectors take at most kSumSteps steps, then move into double totals
+// (fa_math.h), so no float chain grows with the plane.
+
+// kSums sums, each held in two lane vectors cs[2 s], cs[2 s + 1], of a unit whose lanes add into
+// one total per sum (an NCHW plane, or grad_k: kTiled false) or whose lane l holds channel l % C
+// (spans_rows: kTiled, a total per lane; such a unit is a whole sample, so the per-lane work is
+// amortized).
+template <typename L, bool kTiled, int kSums>
+struct LaneTotals {
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  double t[kSums][kTiled ? L::kStep : 1] = {};
+  // cs into the totals (after at most kSumSteps steps: kRun), and cleared.
+  inline void fold(AVec* cs) {
+    for (int s = 0; s < kSums; ++s) {
+      if constexpr (kTiled) {
+        alignas(64) acc_t lanes[L::kStep];
+        cs[2 * s].store(lanes);
+        cs[2 * s + 1].store(lanes + AVec::size());
+        for (int64_t l = 0; l < L::kStep; ++l) t[s][l] += lanes[l];
+      } else {
+        t[s][0] += L::sum(cs[2 * s], cs[2 * s + 1]);
+      }
+      cs[2 * s] = cs[2 * s + 1] = AVec(acc_t(0));
+    }
+  }
+  // Sum s (kTiled: of channel c, its lanes in order), after the last fold.
+  inline double total(int s, int64_t c = 0, int64_t C = 1) const {
+    if constexpr (kTiled) {
+      double v = 0;
+      for (int64_t l = c; l < L::kStep; l += C) v += t[s][l];
+      return v;
+    } else {
+      return t[s][0];
+    }
+  }
+  // The kSums sums per channel into csum[kSums * c + s]: the plane's channel, or the C tiled ones.
+  inline void store(AVec* cs, acc_t* csum, int64_t C) {
+    fold(cs);
+    for (int64_t c = 0; c < (kTiled ? C : 1); ++c)
+      for (int s = 0; s < kSums; ++s) csum[kSums * c + s] = acc_t(total(s, c, C));
+  }
+};
+
+// A stream of steps is walked in runs of kSumSteps steps (kRun elements), its lane sums folded after
+// each run; the inner loop carries no counter.  (Plain loops, not a helper taking lambdas: the
+// vector stores may alias anything, so variables a lambda captures by reference would be reloaded
+// after every store.)
+template <typename L>
+constexpr int64_t kRun = kSumSteps * L::kStep;
+
+// The same for a channels_last unit that is not tiled: per channel of the block, kSums acc_t sums
+// that the caller adds rows into and folds into double after at most kSumSteps rows.  Lanes past the
+// block's cb channels only ever add zeros (masked steps), so a fold clears [0, cb) rounded up to a step.
+template <typename L, int kSums>
+struct BlockTotals {
+  using acc_t = typename L::acc_t;
+  alignas(64) acc_t sums[kSums][kChannelBlock];
+  double t[kSums][kChannelBlock];
+  inline void reset() {
+    std::fill(&sums[0][0], &sums[0][0] + kSums * kChannelBlock, acc_t(0));
+    std::fill(&t[0][0], &t[0][0] + kSums * kChannelBlock, 0.0);
+  }
+  // The running sums of channels j .. j + kStep as the lane vectors cs[0 .. 2 kSums), and back.
+  template <typename AVec>
+  inline void load(int64_t j, AVec* cs) const {
+    for (int s = 0; s < kSums; ++s) {
+      cs[2 * s] = AVec::loadu(sums[s] + j);
+      cs[2 * s + 1] = AVec::loadu(sums[s] + j + AVec::size());
+    }
+  }
+  template <typename AVec>
+  inline void save(int64_t j, const AVec* cs) {
+    for (int s = 0; s < kSums; ++s) {
+      cs[2 * s].store(sums[s] + j);
+      cs[2 * s + 1].store(sums[s] + j + AVec::size());
+    }
+  }
+  inline void fold(int64_t cb) {
+    const int64_t width = std::min(kChannelBlock, (cb + L::kStep - 1) / L::kStep * L::kStep);
+    for (int s = 0; s < kSums; ++s) {
+      for (int64_t j = 0; j < cb; ++j) t[s][j] += sums[s][j];
+      std::fill(sums[s], sums[s] + width, acc_t(0));
+    }
+  }
+  inline void store(acc_t* csum, int64_t cb) {  // csum: the sums of the block's first channel
+    fold(cb);
+    for (int64_t j = 0; j < cb; ++j)
+      for (int s = 0; s < kSums; ++s) csum[kSums * j + s] = acc_t(t[s][j]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------
 // Forward sweeps.  Mode kGate writes out; kGatePool writes out and its channel means;
 // kPool only reads x and writes its channel means (focus).
 enum class Fwd { kGate, kGatePool, kPool };
@@ -215,23 +309,31 @@ void forward_nchw(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
-  const acc_t inv_hw = acc_t(1) / acc_t(HW);
   const ChannelTable<L, kNormRows> table{norm, C};
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+    // Locals, not the captured references: vector stores may alias anything, so the compiler would
+    // reload captured values at every step.
+    const scalar_t *xl = x, *ul = u;
+    scalar_t* ol = out;
+    const int64_t hw = HW;
     for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c)
       const AVec kv(kMode == Fwd::kPool ? acc_t(0) : k[p / C]);
       AVec nv[2 * kNormRows];
       if constexpr (kNorm) table.plane(p % C, nv);
-      AVec s0(acc_t(0)), s1(acc_t(0));
-      for (int64_t i = 0; i < HW; i += L::kStep) {
-        AVec v0, v1;
-        forward_step<kMode, kResidual, kNorm>(x, u, out, p * HW + i, std::min(L::kStep, HW - i), kv, nv, v0, v1);
-        if constexpr (kMode != Fwd::kGate) {
-          s0 = s0 + v0;
-          s1 = s1 + v1;
+      AVec s[2] = {AVec(acc_t(0)), AVec(acc_t(0))};
+      LaneTotals<L, false, 1> tot;
+      for (int64_t r = 0; r < hw; r += kRun<L>) {
+        for (int64_t i = r, e = std::min(hw, r + kRun<L>); i < e; i += L::kStep) {
+          AVec v0, v1;
+          forward_step<kMode, kResidual, kNorm>(xl, ul, ol, p * hw + i, std::min(L::kStep, e - i), kv, nv, v0, v1);
+          if constexpr (kMode != Fwd::kGate) {
+            s[0] = s[0] + v0;
+            s[1] = s[1] + v1;
+          }
         }
+        if constexpr (kMode != Fwd::kGate) tot.fold(s);
       }
-      if constexpr (kMode != Fwd::kGate) pooled[p] = L::sum(s0, s1) * inv_hw;
+      if constexpr (kMode != Fwd::kGate) pooled[p] = acc_t(tot.total(0) / double(HW));
     }
   });
 }
@@ -243,53 +345,62 @@ void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
-  const acc_t inv_hw = acc_t(1) / acc_t(HW);
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   const bool span = spans_rows<L>(C);
   const ChannelTable<L, kNormRows> table{norm, C};
   AVec tiled[2 * kNormRows];
   if (kNorm && span) table.tile(tiled);
   at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t sums[kChannelBlock];
+    BlockTotals<L, 1> block;  // the channel sums of a unit that is not tiled
+    // Locals: see forward_nchw.
+    const scalar_t *xl = x, *ul = u;
+    scalar_t* ol = out;
+    const int64_t hw_n = HW, c_n = C;
     for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
       const int64_t n = unit / blocks;
       const int64_t c0 = (unit % blocks) * kChannelBlock;
       const int64_t cb = std::min(kChannelBlock, C - c0);
       const AVec kv(kMode == Fwd::kPool ? acc_t(0) : k[n]);
       if (span) {  // the sample's HW * C elements as one stream; lane l holds channel l % C
-        const int64_t base = n * HW * C, len = HW * C;
-        AVec s0(acc_t(0)), s1(acc_t(0));
-        for (int64_t i = 0; i < len; i += L::kStep) {
-          AVec v0, v1;
-          forward_step<kMode, kResidual, kNorm>(x, u, out, base + i, std::min(L::kStep, len - i), kv, tiled, v0, v1);
-          if constexpr (kMode != Fwd::kGate) {
-            s0 = s0 + v0;
-            s1 = s1 + v1;
-          }
-        }
-        if constexpr (kMode != Fwd::kGate) {
-          s0.store(sums);
-          s1.store(sums + AVec::size());
-          for (int64_t l = C; l < L::kStep; ++l) sums[l % C] += sums[l];
-        }
-      } else {
-        std::fill(sums, sums + kChannelBlock, acc_t(0));
-        for (int64_t hw = 0; hw < HW; ++hw) {
-          const int64_t base = (n * HW + hw) * C + c0;
-          for (int64_t j = 0; j < cb; j += L::kStep) {
-            const int64_t cnt = std::min(L::kStep, cb - j);
-            AVec v0, v1, nv[2 * kNormRows];
-            if constexpr (kNorm) table.row(c0 + j, cnt, nv);
-            forward_step<kMode, kResidual, kNorm>(x, u, out, base + j, cnt, kv, nv, v0, v1);
+        const int64_t base = n * hw_n * c_n, len = hw_n * c_n;
+        AVec s[2] = {AVec(acc_t(0)), AVec(acc_t(0))};
+        LaneTotals<L, true, 1> tot;
+        for (int64_t r = 0; r < len; r += kRun<L>) {
+          for (int64_t i = r, e = std::min(len, r + kRun<L>); i < e; i += L::kStep) {
+            AVec v0, v1;
+            forward_step<kMode, kResidual, kNorm>(xl, ul, ol, base + i, std::min(L::kStep, e - i), kv, tiled, v0, v1);
             if constexpr (kMode != Fwd::kGate) {
-              (AVec::loadu(sums + j) + v0).store(sums + j);
-              (AVec::loadu(sums + j + AVec::size()) + v1).store(sums + j + AVec::size());
+              s[0] = s[0] + v0;
+              s[1] = s[1] + v1;
             }
           }
+          if constexpr (kMode != Fwd::kGate) tot.fold(s);
         }
-      }
-      if constexpr (kMode != Fwd::kGate) {
-        for (int64_t j = 0; j < cb; ++j) pooled[n * C + c0 + j] = sums[j] * inv_hw;
+        if constexpr (kMode != Fwd::kGate) {
+          for (int64_t c = 0; c < C; ++c) pooled[n * C + c] = acc_t(tot.total(0, c, C) / double(HW));
+        }
+      } else {
+        if constexpr (kMode != Fwd::kGate) block.reset();
+        acc_t* sums = block.sums[0];
+        for (int64_t r = 0; r < hw_n; r += kSumSteps) {  // a row adds one value per channel
+          for (int64_t hw = r; hw < std::min(hw_n, r + kSumSteps); ++hw) {
+            const int64_t base = (n * hw_n + hw) * c_n + c0;
+            for (int64_t j = 0; j < cb; j += L::kStep) {
+              const int64_t cnt = std::min(L::kStep, cb - j);
+              AVec v0, v1, nv[2 * kNormRows];
+              if constexpr (kNorm) table.row(c0 + j, cnt, nv);
+              forward_step<kMode, kResidual, kNorm>(xl, ul, ol, base + j, cnt, kv, nv, v0, v1);
+              if constexpr (kMode != Fwd::kGate) {
+                (AVec::loadu(sums + j) + v0).store(sums + j);
+                (AVec::loadu(sums + j + AVec::size()) + v1).store(sums + j + AVec::size());
+              }
+            }
+          }
+          if constexpr (kMode != Fwd::kGate) block.fold(cb);
+        }
+        if constexpr (kMode != Fwd::kGate) {
+          for (int64_t j = 0; j < cb; ++j) pooled[n * C + c0 + j] = acc_t(block.t[0][j] / double(HW));
+        }
       }
     }
   });
@@ -344,125 +455,38 @@ inline void backward_step(const scalar_t* g, const scalar_t* x, const scalar_t* 
   s1 = s1 + math::gate_grad_k_term(g1, x1, u1);
 }
 
-// The two channel sums of the BatchNorm (of z for its statistics, of grad_B and grad_B * xhat for
-// its backward) add up in acc_t lanes for at most kSumSteps steps per lane, then in double: a
-// channels_last unit sums every row of a sample in one lane, and float32 sums over a 64x64 map
-// drifted by 1e-5 relative.
-constexpr int64_t kSumSteps = 64;
-
-// Double totals of the lane sums cs[0..3] (two sums, two vectors each) of a unit whose lanes all
-// hold one channel (an NCHW plane: kTiled false, two scalars) or lane l channel l % C (spans_rows:
-// kTiled, per lane; such a unit is a whole sample, so the per-lane work is amortized).
-template <typename L, bool kTiled>
-struct LaneTotals {
-  using acc_t = typename L::acc_t;
-  using AVec = typename L::AVec;
-  double t[2][kTiled ? L::kStep : 1] = {};
-  int64_t steps = 0;
-  // After each step: every kSumSteps steps, cs moves into the totals.
-  inline void count(AVec* cs) {
-    if (++steps == kSumSteps) fold(cs);
-  }
-  inline void fold(AVec* cs) {
-    for (int s = 0; s < 2; ++s) {
-      if constexpr (kTiled) {
-        alignas(64) acc_t lanes[L::kStep];
-        cs[2 * s].store(lanes);
-        cs[2 * s + 1].store(lanes + AVec::size());
-        for (int64_t l = 0; l < L::kStep; ++l) t[s][l] += lanes[l];
-      } else {
-        t[s][0] += L::sum(cs[2 * s], cs[2 * s + 1]);
-      }
-      cs[2 * s] = cs[2 * s + 1] = AVec(acc_t(0));
-    }
-    steps = 0;
-  }
-  // The pairs (sum 0, sum 1) per channel into csum[2 * c]: the plane's channel, or the C tiled ones.
-  inline void store(AVec* cs, acc_t* csum, int64_t C) {
-    fold(cs);
-    for (int s = 0; s < 2; ++s) {
-      if constexpr (kTiled) {
-        double per[L::kStep] = {};
-        for (int64_t l = 0; l < L::kStep; ++l) per[l % C] += t[s][l];
-        for (int64_t c = 0; c < C; ++c) csum[2 * c + s] = acc_t(per[c]);
-      } else {
-        csum[s] = acc_t(t[s][0]);
-      }
-    }
-  }
-};
-
-// The same for a channels_last unit that is not tiled: per channel of the block, acc_t sums that
-// the caller adds rows into, folded into double every kSumSteps rows.
-template <typename acc_t>
-struct BlockTotals {
-  alignas(64) acc_t sums[2][kChannelBlock];
-  double t[2][kChannelBlock];
-  int64_t rows = 0;
-  inline void reset() {
-    std::fill(&sums[0][0], &sums[0][0] + 2 * kChannelBlock, acc_t(0));
-    std::fill(&t[0][0], &t[0][0] + 2 * kChannelBlock, 0.0);
-    rows = 0;
-  }
-  // The running sums of channels j .. j + kStep as the lane vectors cs[0..3], and back.
-  template <typename AVec>
-  inline void load(int64_t j, AVec* cs) const {
-    for (int s = 0; s < 2; ++s) {
-      cs[2 * s] = AVec::loadu(sums[s] + j);
-      cs[2 * s + 1] = AVec::loadu(sums[s] + j + AVec::size());
-    }
-  }
-  template <typename AVec>
-  inline void save(int64_t j, const AVec* cs) {
-    for (int s = 0; s < 2; ++s) {
-      cs[2 * s].store(sums[s] + j);
-      cs[2 * s + 1].store(sums[s] + j + AVec::size());
-    }
-  }
-  inline void end_row(int64_t cb) {
-    if (++rows == kSumSteps) fold(cb);
-  }
-  inline void fold(int64_t cb) {
-    for (int s = 0; s < 2; ++s) {
-      for (int64_t j = 0; j < cb; ++j) t[s][j] += sums[s][j];
-      std::fill(sums[s], sums[s] + kChannelBlock, acc_t(0));
-    }
-    rows = 0;
-  }
-  inline void store(acc_t* csum, int64_t cb) {  // csum: the pair of the block's first channel
-    fold(cb);
-    for (int64_t j = 0; j < cb; ++j) {
-      csum[2 * j] = acc_t(t[0][j]);
-      csum[2 * j + 1] = acc_t(t[1][j]);
-    }
-  }
-};
-
 template <typename scalar_t, bool kFold, bool kResidual, bool kNorm>
 void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x,
                         const scalar_t* u, const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* norm,
-                        scalar_t* gx, scalar_t* gu, at::opmath_type<scalar_t>* partial,
-                        at::opmath_type<scalar_t>* csum, int64_t N, int64_t C, int64_t HW) {
+                        scalar_t* gx, scalar_t* gu, double* partial, at::opmath_type<scalar_t>* csum, int64_t N,
+                        int64_t C, int64_t HW) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
   const AVec ihv(acc_t(1) / acc_t(HW));
   const ChannelTable<L, kNormRows> table{norm, C};
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+    // Locals: see forward_nchw.
+    const scalar_t *gl = g, *xl = x, *ul = u;
+    scalar_t *gxl = gx, *gul = gu;
+    const int64_t hw = HW;
     for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c): one k, one pooled gradient
       const AVec kv(k[p / C]), gpv(kFold ? gp[p] : acc_t(0));
-      AVec s0(acc_t(0)), s1(acc_t(0)), nv[2 * kNormRows], cs[4];
-      LaneTotals<L, false> tot;
+      AVec gk[2] = {AVec(acc_t(0)), AVec(acc_t(0))}, nv[2 * kNormRows], cs[4];
+      LaneTotals<L, false, 1> gk_tot;
+      LaneTotals<L, false, 2> tot;
       if constexpr (kNorm) {
         table.plane(p % C, nv);
         std::fill(cs, cs + 4, AVec(acc_t(0)));
       }
-      for (int64_t i = 0; i < HW; i += L::kStep) {
-        backward_step<kFold, kResidual, kNorm>(g, x, u, gx, gu, p * HW + i, std::min(L::kStep, HW - i), kv, gpv, gpv,
-                                               ihv, nv, cs, s0, s1);
-        if constexpr (kNorm) tot.count(cs);
+      for (int64_t r = 0; r < hw; r += kRun<L>) {
+        for (int64_t i = r, e = std::min(hw, r + kRun<L>); i < e; i += L::kStep)
+          backward_step<kFold, kResidual, kNorm>(gl, xl, ul, gxl, gul, p * hw + i, std::min(L::kStep, e - i), kv, gpv,
+                                                 gpv, ihv, nv, cs, gk[0], gk[1]);
+        gk_tot.fold(gk);
+        if constexpr (kNorm) tot.fold(cs);
       }
-      partial[p] = L::sum(s0, s1);
+      partial[p] = gk_tot.total(0);
       if constexpr (kNorm) tot.store(cs, csum + 2 * p, C);
     }
   });
@@ -471,8 +495,8 @@ void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
 template <typename scalar_t, bool kFold, bool kResidual, bool kNorm>
 void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x,
                         const scalar_t* u, const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* norm,
-                        scalar_t* gx, scalar_t* gu, at::opmath_type<scalar_t>* partial,
-                        at::opmath_type<scalar_t>* csum, int64_t N, int64_t C, int64_t HW) {
+                        scalar_t* gx, scalar_t* gu, double* partial, at::opmath_type<scalar_t>* csum, int64_t N,
+                        int64_t C, int64_t HW) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
@@ -483,14 +507,19 @@ void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
   AVec tiled[2 * kNormRows];
   if (kNorm && span) table.tile(tiled);
   at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
-    BlockTotals<acc_t> block;  // kNorm: the channel sums of a unit that is not tiled
+    BlockTotals<L, 2> block;  // kNorm: the channel sums of a unit that is not tiled
+    // Locals: see forward_nchw.
+    const scalar_t *gl = g, *xl = x, *ul = u;
+    scalar_t *gxl = gx, *gul = gu;
+    const int64_t hw_n = HW, c_n = C;
     for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
       const int64_t n = unit / blocks;
       const int64_t c0 = (unit % blocks) * kChannelBlock;
       const int64_t cb = std::min(kChannelBlock, C - c0);
       const AVec kv(k[n]);
       const acc_t* gpn = kFold ? gp + n * C + c0 : nullptr;  // one pooled gradient per channel
-      AVec s0(acc_t(0)), s1(acc_t(0)), cs[4] = {zero, zero, zero, zero};
+      AVec gk[2] = {zero, zero}, cs[4] = {zero, zero, zero, zero};
+      LaneTotals<L, false, 1> gk_tot;
       if (span) {  // the sample's HW * C elements as one stream; lane l holds channel l % C
         AVec gp0 = zero, gp1 = zero;
         if constexpr (kFold) {
@@ -499,34 +528,44 @@ void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
           gp0 = gpv[0];
           gp1 = gpv[1];
         }
-        const int64_t base = n * HW * C, len = HW * C;
-        LaneTotals<L, true> tot;
-        for (int64_t i = 0; i < len; i += L::kStep) {
-          backward_step<kFold, kResidual, kNorm>(g, x, u, gx, gu, base + i, std::min(L::kStep, len - i), kv, gp0, gp1,
-                                                 ihv, tiled, cs, s0, s1);
-          if constexpr (kNorm) tot.count(cs);
+        const int64_t base = n * hw_n * c_n, len = hw_n * c_n;
+        LaneTotals<L, true, 2> tot;
+        for (int64_t r = 0; r < len; r += kRun<L>) {
+          for (int64_t i = r, e = std::min(len, r + kRun<L>); i < e; i += L::kStep)
+            backward_step<kFold, kResidual, kNorm>(gl, xl, ul, gxl, gul, base + i, std::min(L::kStep, e - i), kv, gp0,
+                                                   gp1, ihv, tiled, cs, gk[0], gk[1]);
+          gk_tot.fold(gk);
+          if constexpr (kNorm) tot.fold(cs);
         }
         if constexpr (kNorm) tot.store(cs, csum + 2 * n * C, C);
       } else {
         if constexpr (kNorm) block.reset();
-        for (int64_t hw = 0; hw < HW; ++hw) {
-          const int64_t base = (n * HW + hw) * C + c0;
-          for (int64_t j = 0; j < cb; j += L::kStep) {
-            const int64_t cnt = std::min(L::kStep, cb - j);
-            AVec gp0 = zero, gp1 = zero, nv[2 * kNormRows];
-            if constexpr (kFold) L::load_acc(gpn + j, gp0, gp1, cnt);
-            if constexpr (kNorm) {
-              table.row(c0 + j, cnt, nv);
-              block.load(j, cs);
+        // grad_k's lanes take ceil(cb / kStep) steps a row: they fold every `run` rows (a power of two,
+        // so the channel sums, one value per row, fold every kSumSteps rows at a run's end).
+        int64_t run = kSumSteps;
+        while (run > 1 && run * ((cb + L::kStep - 1) / L::kStep) > kSumSteps) run /= 2;
+        for (int64_t r = 0; r < hw_n; r += run) {
+          for (int64_t hw = r; hw < std::min(hw_n, r + run); ++hw) {
+            const int64_t base = (n * hw_n + hw) * c_n + c0;
+            for (int64_t j = 0; j < cb; j += L::kStep) {
+              const int64_t cnt = std::min(L::kStep, cb - j);
+              AVec gp0 = zero, gp1 = zero, nv[2 * kNormRows];
+              if constexpr (kFold) L::load_acc(gpn + j, gp0, gp1, cnt);
+              if constexpr (kNorm) {
+                table.row(c0 + j, cnt, nv);
+                block.load(j, cs);
+              }
+              backward_step<kFold, kResidual, kNorm>(gl, xl, ul, gxl, gul, base + j, cnt, kv, gp0, gp1, ihv, nv, cs,
+                                                     gk[0], gk[1]);
+              if constexpr (kNorm) block.save(j, cs);
             }
-            backward_step<kFold, kResidual, kNorm>(g, x, u, gx, gu, base + j, cnt, kv, gp0, gp1, ihv, nv, cs, s0, s1);
-            if constexpr (kNorm) block.save(j, cs);
           }
-          if constexpr (kNorm) block.end_row(cb);
+          gk_tot.fold(gk);
+          if (kNorm && (r + run) % kSumSteps == 0) block.fold(cb);
         }
         if constexpr (kNorm) block.store(csum + 2 * (n * C + c0), cb);
       }
-      partial[unit] = L::sum(s0, s1);
+      partial[unit] = gk_tot.total(0);
     }
   });
 }
@@ -556,13 +595,16 @@ void channel_sums(const scalar_t* z, const at::opmath_type<scalar_t>* shift, at:
   const AVec zero(acc_t(0));
   if (!channels_last) {
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+      const scalar_t* zl = z;  // a local: see forward_nchw
+      const int64_t hw = HW;
       for (int64_t p = begin; p < end; ++p) {  // plane p = (n, c)
         AVec kv[2], cs[4] = {zero, zero, zero, zero};
-        LaneTotals<L, false> tot;
+        LaneTotals<L, false, 2> tot;
         table.plane(p % C, kv);
-        for (int64_t i = 0; i < HW; i += L::kStep) {
-          step(z + p * HW + i, std::min(L::kStep, HW - i), kv, cs);
-          tot.count(cs);
+        for (int64_t r = 0; r < hw; r += kRun<L>) {
+          for (int64_t i = r, e = std::min(hw, r + kRun<L>); i < e; i += L::kStep)
+            step(zl + p * hw + i, std::min(L::kStep, e - i), kv, cs);
+          tot.fold(cs);
         }
         tot.store(cs, csum + 2 * p, C);
       }
@@ -574,31 +616,36 @@ void channel_sums(const scalar_t* z, const at::opmath_type<scalar_t>* shift, at:
   AVec tiled[2];
   if (span) table.tile(tiled);
   at::parallel_for(0, N * blocks, grain_for(HW * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
-    BlockTotals<acc_t> block;
+    BlockTotals<L, 2> block;
+    const scalar_t* zl = z;  // locals: see forward_nchw
+    const int64_t hw_n = HW, c_n = C;
     for (int64_t unit = begin; unit < end; ++unit) {  // unit = (n, channel block), all rows
-      const int64_t n = unit / blocks, c0 = (unit % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
+      const int64_t n = unit / blocks, c0 = (unit % blocks) * kChannelBlock, cb = std::min(kChannelBlock, c_n - c0);
       AVec cs[4] = {zero, zero, zero, zero};
       if (span) {
-        const int64_t len = HW * C;
-        LaneTotals<L, true> tot;
-        for (int64_t i = 0; i < len; i += L::kStep) {
-          step(z + n * len + i, std::min(L::kStep, len - i), tiled, cs);
-          tot.count(cs);
+        const int64_t len = hw_n * c_n;
+        LaneTotals<L, true, 2> tot;
+        for (int64_t r = 0; r < len; r += kRun<L>) {
+          for (int64_t i = r, e = std::min(len, r + kRun<L>); i < e; i += L::kStep)
+            step(zl + n * len + i, std::min(L::kStep, e - i), tiled, cs);
+          tot.fold(cs);
         }
         tot.store(cs, csum + 2 * n * C, C);
         continue;
       }
       block.reset();
-      for (int64_t hw = 0; hw < HW; ++hw) {
-        for (int64_t j = 0; j < cb; j += L::kStep) {
-          const int64_t cnt = std::min(L::kStep, cb - j);
-          AVec kv[2];
-          table.row(c0 + j, cnt, kv);
-          block.load(j, cs);
-          step(z + (n * HW + hw) * C + c0 + j, cnt, kv, cs);
-          block.save(j, cs);
+      for (int64_t r = 0; r < hw_n; r += kSumSteps) {  // a row adds one value per channel
+        for (int64_t hw = r; hw < std::min(hw_n, r + kSumSteps); ++hw) {
+          for (int64_t j = 0; j < cb; j += L::kStep) {
+            const int64_t cnt = std::min(L::kStep, cb - j);
+            AVec kv[2];
+            table.row(c0 + j, cnt, kv);
+            block.load(j, cs);
+            step(zl + (n * hw_n + hw) * c_n + c0 + j, cnt, kv, cs);
+            block.save(j, cs);
+          }
         }
-        block.end_row(cb);
+        block.fold(cb);
       }
       block.store(csum + 2 * (n * C + c0), cb);
     }
@@ -770,7 +817,7 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
   Tensor gu = at::empty(in.x.sizes(), in.x.options().memory_format(in.fmt));
   const bool cl = in.fmt == at::MemoryFormat::ChannelsLast;
   const int64_t units = cl ? (C + kChannelBlock - 1) / kChannelBlock : C;
-  Tensor partial = at::zeros({N, units}, in.k.options());
+  Tensor partial = at::zeros({N, units}, in.k.options().dtype(at::kDouble));
   if (in.x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fanet_gate_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -780,7 +827,7 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
       const acc_t* gpp = fold ? b.gp.const_data_ptr<acc_t>() : nullptr;
       const acc_t* np = norm.defined() ? norm.const_data_ptr<acc_t>() : nullptr;
       scalar_t *gxp = gx.mutable_data_ptr<scalar_t>(), *gup = gu.mutable_data_ptr<scalar_t>();
-      acc_t* pp = partial.mutable_data_ptr<acc_t>();
+      double* pp = partial.mutable_data_ptr<double>();
       acc_t* csp = norm.defined() ? csum.mutable_data_ptr<acc_t>() : nullptr;
       with_flag(fold, [&](auto fold_tag) {
         with_flag(in.residual, [&](auto residual_tag) {
@@ -798,8 +845,12 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
       });
     });
   }
-  // Per-sample sum of the per-unit partials, in unit order: deterministic.
-  return {gx, gu, partial.sum(1).to(k.scalar_type())};
+  // Per-sample sum of the per-unit partials, in unit order, in double: deterministic.
+  Tensor gk = at::empty({N}, partial.options());
+  const double* pp = partial.const_data_ptr<double>();
+  double* gkp = gk.mutable_data_ptr<double>();
+  for (int64_t n = 0; n < N; ++n) gkp[n] = std::accumulate(pp + n * units, pp + (n + 1) * units, 0.0);
+  return {gx, gu, gk.to(k.scalar_type())};
 }
 
 // ---- bn_residual_gate_pool: host side -----------------------------------------------------

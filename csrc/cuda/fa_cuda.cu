@@ -74,6 +74,12 @@ __device__ __forceinline__ acc_t gate_value(acc_t x, acc_t u, acc_t k) {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Whether a thread's acc_t sums move into double totals every kSumSteps values (fa_math.h): float
+// chains lose accuracy as they grow; double ones (float64 inputs) need no second level, and the
+// registers it takes made the double kernels spill.
+template <typename acc_t>
+constexpr bool kTwoLevel = !std::is_same_v<acc_t, double>;
+
 // Butterfly sum over the 32 lanes: every lane ends with the total, in a fixed order.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -100,7 +106,9 @@ __device__ __forceinline__ T block_sum(T v, T* scratch /* kWarps entries */) {
 // n = b / chunks, in the tensors' own memory order (NCHW or NHWC: the sample index is outermost
 // in both).  Forward writes out = gate(x, u, k[n]).  Backward reads grad_out (g), folds
 // grad_pooled / HW in when kFold, writes grad_x and grad_u, and leaves the block's sum of
-// g * (u - x) in partial[b].  Backward with kResidual (residual_gate_pool): u holds the branch B,
+// g * (u - x) in partial[b] (double: each thread's float sum moves into a double total every
+// kSumSteps values, fa_math.h, so grad_k keeps its accuracy when a chunk is a whole large plane).
+// Backward with kResidual (residual_gate_pool): u holds the branch B,
 // U = relu(B + x) is formed in registers, grad_u receives grad_B and grad_x the shortcut's share too.
 //
 // With kFold the chunk is a whole number of rows (NHWC: multiples of C) or planes (NCHW:
@@ -112,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
     const scalar_t* __restrict__ g, const at::opmath_type<scalar_t>* __restrict__ gp,
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ u,
     const at::opmath_type<scalar_t>* __restrict__ k, scalar_t* __restrict__ out0,
-    scalar_t* __restrict__ out1, at::opmath_type<scalar_t>* __restrict__ partial, int64_t C,
+    scalar_t* __restrict__ out1, double* __restrict__ partial, int64_t C,
     int64_t HW, int64_t chunk, int64_t chunks, int64_t chunk_c, int64_t step_c, int64_t step_r,
     at::opmath_type<scalar_t> inv_hw) {
   static_assert(kBackward || !kResidual, "the residual forward runs in the pool kernels");
@@ -126,7 +134,10 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
   const int64_t end = min64(per_sample, begin + chunk);
   const int64_t base = n * per_sample;
   const acc_t kn = k[n];
+  constexpr int kRunSteps = kSumSteps / kVec > 0 ? kSumSteps / kVec : 1;
   acc_t s = acc_t(0);
+  double total = 0;
+  int run = 0;
   const uint32_t offset = threadIdx.x * kVec;  // < 2^31, and < 2^32 after adding a remainder
   // Fold only: channel c_i of element i, and (NCHW) its position r_i in the plane, stepped by
   // kThreads * kVec elements per iteration = step_c channels (mod C) in NHWC, step_c planes and
@@ -188,6 +199,13 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
       }
       store_pack<kVec>(out0 + base + i, gx);
       store_pack<kVec>(out1 + base + i, gu);
+      if constexpr (kTwoLevel<acc_t>) {
+        if (++run == kRunSteps) {
+          total += double(s);
+          s = acc_t(0);
+          run = 0;
+        }
+      }
       if constexpr (kFold) {  // on to the next i, without a division
         if constexpr (kChannelsLast) {
           c_i += step_c;
@@ -204,9 +222,9 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
     }
   }
   if constexpr (kBackward) {
-    __shared__ acc_t scratch[kWarps];
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) partial[block] = s;
+    __shared__ double scratch[kWarps];
+    total = block_sum(total + double(s), scratch);
+    if (threadIdx.x == 0) partial[block] = total;
   }
 }
 
@@ -222,50 +240,69 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(
 //       // elements [off, off + kVec): element j is of channel c + j % kL (kL = 1: an NCHW plane;
 //       // kL = kVec: channels_last), and adds to s[q][j % kL]
 // and writes sums[((n * splits + split) * C + c) * kSums + q] (splits = 1 in NCHW), each added in a
-// fixed order.
+// fixed order.  No float chain adds more than kSumSteps values (fa_math.h): an NCHW thread moves its
+// sums into double totals every kSumSteps values, an NHWC thread adds kRowsPerThread rows and its
+// block adds the threads' sums in double, and the splits are added in double.
 
 // NCHW: `group` threads per (n, c) plane: 32 (one warp, several planes per block) for small planes,
 // kThreads for large ones.  The sums are scaled by `scale` (1 / HW: the pools' means).
 template <typename Op, int kVec>
 __global__ void __launch_bounds__(kThreads) walk_nchw_kernel(const Op op, typename Op::acc_t* __restrict__ sums,
                                                               int64_t planes, int64_t C, int64_t HW, int group,
-                                                              typename Op::acc_t scale) {
+                                                              double scale) {
   using acc_t = typename Op::acc_t;
   constexpr int kS = Op::kSums > 0 ? Op::kSums : 1;
   const int64_t p = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
   const int t = threadIdx.x % group;
   acc_t s[kS][1];
+  double total[kS];
 #pragma unroll
-  for (int q = 0; q < kS; ++q) s[q][0] = acc_t(0);
+  for (int q = 0; q < kS; ++q) {
+    s[q][0] = acc_t(0);
+    total[q] = 0;
+  }
   if (p < planes) {
     const int64_t n = p / C;
     const auto ch = op.template channel<1>(n, p - n * C);
-    // kVec > 1 only when HW % kVec == 0.
-    for (int64_t i = int64_t(t) * kVec; i < HW; i += int64_t(group) * kVec)
-      op.template step<kVec, 1>(ch, p * HW + i, s);
+    // kVec > 1 only when HW % kVec == 0.  Runs of kSumSteps values per thread, then into total.
+    constexpr bool kRuns = Op::kSums > 0 && kTwoLevel<acc_t>;
+    const int64_t stride = int64_t(group) * kVec, run = kRuns ? stride * (kSumSteps / kVec) : HW;
+    for (int64_t r = int64_t(t) * kVec; r < HW; r += run) {
+      const int64_t r_end = min64(HW, r + run);
+      for (int64_t i = r; i < r_end; i += stride) op.template step<kVec, 1>(ch, p * HW + i, s);
+      if constexpr (kRuns) {
+#pragma unroll
+        for (int q = 0; q < kS; ++q) {
+          total[q] += double(s[q][0]);
+          s[q][0] = acc_t(0);
+        }
+      }
+    }
   }
   if constexpr (Op::kSums > 0) {
 #pragma unroll
-    for (int q = 0; q < kS; ++q) s[q][0] = warp_sum(s[q][0]);  // every lane takes part (planes >= p: zeros)
+    for (int q = 0; q < kS; ++q) {
+      total[q] = warp_sum(total[q] + double(s[q][0]));  // every lane takes part (planes >= p: zeros)
+    }
     if (group == kWarp) {
       if (t == 0 && p < planes) {
 #pragma unroll
-        for (int q = 0; q < kS; ++q) sums[p * kS + q] = s[q][0] * scale;
+        for (int q = 0; q < kS; ++q) sums[p * kS + q] = acc_t(total[q] * scale);
       }
       return;
     }
-    __shared__ acc_t scratch[kS][kWarps];
+    __shared__ double scratch[kS][kWarps];
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     if (lane == 0) {
 #pragma unroll
-      for (int q = 0; q < kS; ++q) scratch[q][warp] = s[q][0];
+      for (int q = 0; q < kS; ++q) scratch[q][warp] = total[q];
     }
     __syncthreads();
     if (warp == 0) {
 #pragma unroll
       for (int q = 0; q < kS; ++q) {
-        const acc_t v = warp_sum(lane < kWarps ? scratch[q][lane] : acc_t(0));
-        if (lane == 0 && p < planes) sums[p * kS + q] = v * scale;
+        const double v = warp_sum(lane < kWarps ? scratch[q][lane] : 0.0);
+        if (lane == 0 && p < planes) sums[p * kS + q] = acc_t(v * scale);
       }
     }
   }
@@ -314,9 +351,9 @@ __global__ void __launch_bounds__(kThreads) walk_nhwc_kernel(const Op op, typena
       for (int i = threadIdx.x; i < width; i += kThreads) {
         const int64_t cc = ctile * width + i;
         if (cc < C) {
-          acc_t v = acc_t(0);
-          for (int y = 0; y < ty; ++y) v += red[y * width + i];
-          sums[((n * splits + split) * C + cc) * kS + q] = v;
+          double v = 0;  // up to kThreads values: added in double
+          for (int y = 0; y < ty; ++y) v += double(red[y * width + i]);
+          sums[((n * splits + split) * C + cc) * kS + q] = acc_t(v);
         }
       }
     }
@@ -515,19 +552,20 @@ struct NormInputGradOp {
   }
 };
 
-// out[n, c] = scale * sum over s of partial[n, s, c] (partial: (N, S, C)), s in order: the second,
-// tiny pass of the channels_last pools (S = splits), and the fold of a walk's splits (C = C * kSums).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) sum_splits_kernel(const acc_t* __restrict__ partial,
-                                                              acc_t* __restrict__ out, int64_t N,
-                                                              int64_t S, int64_t C, acc_t scale) {
+// out[n, c] = scale * sum over s of partial[n, s, c] (partial: (N, S, C)), s in order, in double (S
+// grows with the plane): the fold of a walk's splits (C = C * kSums; the channels_last pools' second,
+// tiny pass) and grad_k's sum of its chunks.
+template <typename in_t, typename out_t>
+__global__ void __launch_bounds__(kThreads) sum_splits_kernel(const in_t* __restrict__ partial,
+                                                              out_t* __restrict__ out, int64_t N,
+                                                              int64_t S, int64_t C, double scale) {
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < N * C; i += stride) {
     const int64_t n = i / C, c = i % C;
-    const acc_t* p = partial + n * S * C + c;
-    acc_t t = acc_t(0);
-    for (int64_t s = 0; s < S; ++s) t += p[s * C];
-    out[i] = t * scale;
+    const in_t* p = partial + n * S * C + c;
+    double t = 0;
+    for (int64_t s = 0; s < S; ++s) t += double(p[s * C]);
+    out[i] = out_t(t * scale);
   }
 }
 
@@ -679,7 +717,7 @@ void check_kernel_image(c10::DeviceIndex device) {
   const bool cached = device >= 0 && device < kMaxDevices;
   if (cached && loads[device].load(std::memory_order_relaxed)) return;
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, sum_splits_kernel<float>);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, sum_splits_kernel<float, float>);
   if (err == cudaSuccess) {
     if (cached) loads[device].store(true, std::memory_order_relaxed);
     return;
@@ -742,7 +780,7 @@ inline unsigned stride_grid(int64_t work, int64_t per_thread) {
 // Op::kSums = 0) and the splits of each sample (1 in NCHW); NCHW sums are scaled by `scale`.
 template <typename scalar_t, typename Op>
 std::tuple<Tensor, int64_t> walk(const Op& op, bool aligned, at::MemoryFormat fmt, int64_t N, int64_t C, int64_t HW,
-                                 const at::TensorOptions& acc_opts, typename Op::acc_t scale = 1) {
+                                 const at::TensorOptions& acc_opts, double scale = 1) {
   using acc_t = typename Op::acc_t;
   constexpr int64_t kS = Op::kSums;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -778,11 +816,11 @@ std::tuple<Tensor, int64_t> walk(const Op& op, bool aligned, at::MemoryFormat fm
 
 // A walk's sums (N * splits, C, K) as (N, C, K), times scale: the splits of each sample added in order.
 template <typename acc_t>
-Tensor fold_splits(const Tensor& sums, int64_t N, int64_t splits, acc_t scale = 1) {
-  if (splits == 1 && scale == acc_t(1)) return sums;
+Tensor fold_splits(const Tensor& sums, int64_t N, int64_t splits, double scale = 1) {
+  if (splits == 1 && scale == 1.0) return sums;
   const int64_t CK = sums.size(1) * sums.size(2);
   Tensor folded = at::empty({N, sums.size(1), sums.size(2)}, sums.options());
-  sum_splits_kernel<acc_t><<<stride_grid(N * CK, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  sum_splits_kernel<acc_t, acc_t><<<stride_grid(N * CK, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       sums.const_data_ptr<acc_t>(), folded.mutable_data_ptr<acc_t>(), N, splits, CK, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return folded;
@@ -793,7 +831,7 @@ template <typename scalar_t, typename Op>
 Tensor channel_means(const Op& op, bool aligned, at::MemoryFormat fmt, int64_t N, int64_t C, int64_t HW,
                      const at::TensorOptions& acc_opts) {
   using acc_t = typename Op::acc_t;
-  const acc_t inv_hw = acc_t(1) / acc_t(HW);
+  const double inv_hw = 1.0 / double(HW);
   if (fmt != at::MemoryFormat::ChannelsLast)
     return std::get<0>(walk<scalar_t>(op, aligned, fmt, N, C, HW, acc_opts, inv_hw)).view({N, C});
   Tensor partial;
@@ -922,7 +960,7 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
   }
   const int64_t chunk_c = fold && !cl ? chunk / HW : 0;
   const int64_t chunks = ceil_div(C * HW, chunk);
-  Tensor partial = at::empty({N, chunks}, x.options().dtype(acc));
+  Tensor partial = at::empty({N, chunks}, x.options().dtype(at::kDouble));
   Tensor gk = at::empty({N}, x.options().dtype(acc));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fanet_gate_backward_cuda", [&] {
@@ -932,7 +970,7 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
     const acc_t* kp = in.k.const_data_ptr<acc_t>();
     const acc_t* gpp = fold ? gp.const_data_ptr<acc_t>() : nullptr;
     scalar_t *gxp = gx.mutable_data_ptr<scalar_t>(), *gup = gu.mutable_data_ptr<scalar_t>();
-    acc_t* pp = partial.mutable_data_ptr<acc_t>();
+    double* pp = partial.mutable_data_ptr<double>();
     const bool vec = aligned16(gptr) && aligned16(xp) && aligned16(up) && aligned16(gxp) && aligned16(gup) &&
                      (C * HW) % pack_width<scalar_t>() == 0;
     with_pack_width<scalar_t>(vec, [&](auto v) {
@@ -957,8 +995,8 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward_impl(const GateBackwardInputs& 
       });
     });
     // Per-sample sum of the per-chunk partials, in chunk order: deterministic.
-    sum_splits_kernel<acc_t><<<stride_grid(N, 1), kThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), gk.mutable_data_ptr<acc_t>(), N, chunks, 1, acc_t(1));
+    sum_splits_kernel<double, acc_t><<<stride_grid(N, 1), kThreads, 0, stream>>>(
+        partial.const_data_ptr<double>(), gk.mutable_data_ptr<acc_t>(), N, chunks, 1, 1.0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gx, gu, gk.to(k.scalar_type())};

@@ -209,7 +209,7 @@ def _backward_impl(grad_out, grad_pooled, x, z, k, weight, bias, mean, var, trai
                          2 if x.dtype == torch.float64 else 4,
                          HAS_G=grad_out is not None, FOLD=grad_pooled is not None)
     sum_g, sum_gx = sums[:, :, :2].double().sum((0, 1))  # over splits and the batch, in a fixed order
-    gk = sums[:, :, 2].sum((0, 2)).to(k.dtype)
+    gk = sums[:, :, 2].double().sum((0, 2)).to(k.dtype)  # in float64, as the other totals
     invstd, shift, scale = norm[INVSTD], norm[SHIFT], norm[ALPHA]  # scale = weight * invstd
     if training:  # the statistics depend on z too: the means of grad_B and grad_B * xhat come out
         xcoef, const = ((-scale.double() * s / count).to(acc) for s in (sum_gx, sum_g))

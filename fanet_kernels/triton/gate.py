@@ -574,8 +574,8 @@ def _gate_backward_impl(grad_out: Optional[torch.Tensor], grad_pooled: Optional[
                INT64=need_int64(x.numel() + iters * block),  # a program's steps may pass its sample's end
                BLOCK=block, ACC=acc_tl(x.dtype),
                num_warps=warps_for(block, 4 if x.dtype == torch.float64 else PER_THREAD))
-    # Per-sample sum of the per-program partials, in program order: deterministic.
-    return gx, gu, partial.sum(1).to(kdtype)
+    # Per-sample sum of the per-program partials, in float64 and program order: deterministic.
+    return gx, gu, partial.double().sum(1).to(kdtype)
 
 
 # ---- custom ops ------------------------------------------------------------------------------
