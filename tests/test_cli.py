@@ -44,14 +44,20 @@ def _has_zoo() -> bool:
 needs_zoo = pytest.mark.skipif(not _has_zoo(), reason="fanet_kernels.zoo is not available")
 
 
-@pytest.fixture
-def tiny_model(tmp_path, monkeypatch):
+def install_tiny_model(tmp_path, monkeypatch, module: str) -> str:
+    """TINY_MODEL as `module`, importable here and in subprocesses; returns its --model spec.  Each
+    test file names its own module: Python caches an imported module by name."""
     folder = tmp_path / "models"
     folder.mkdir()
-    (folder / "cli_tiny_model.py").write_text(TINY_MODEL)
+    (folder / f"{module}.py").write_text(TINY_MODEL)
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
-    return "cli_tiny_model:tiny"
+    return f"{module}:tiny"
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    return install_tiny_model(tmp_path, monkeypatch, "cli_tiny_model")
 
 
 @pytest.fixture(scope="module")

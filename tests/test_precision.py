@@ -78,31 +78,21 @@ def _compare(backend: str, fn, inputs, cotangents, outs: dict[str, int], grads: 
             for m in _check(name, ours[part][i], aten[part][i], truth[part][i])]
 
 
+@pytest.mark.parametrize("op, seed, u_scale, k_value",
+                         [("gate_pool", 0, 5.0, 0.3), ("residual_gate_pool", 1, 1.0, 0.6)])
 @pytest.mark.parametrize("target,side,c,layout", CASES)
-def test_gate_pool(target, side, c, layout):
+def test_gate_pools(target, side, c, layout, op, seed, u_scale, k_value):
+    """gate_pool (u) and residual_gate_pool (the branch): pooled means and grad_k."""
     backend, dev = target
-    gen = torch.Generator().manual_seed(0)
+    fn = getattr(ops, op)
+    gen = torch.Generator().manual_seed(seed)
     shape = (1, c, side, side)
-    x, u = _randn(shape, layout, gen, dev, 3.0), _randn(shape, layout, gen, dev, 5.0)
-    k = torch.full((1,), 0.3, device=dev)
-    out, pooled = ops.gate_pool(x, u, k, backend=backend)
+    x, u = _randn(shape, layout, gen, dev, 3.0), _randn(shape, layout, gen, dev, u_scale)
+    k = torch.full((1,), k_value, device=dev)
+    out, pooled = fn(x, u, k, backend=backend)
     bad = _check("pooled", pooled, out.mean((2, 3)), out.double().mean((2, 3)))  # torch.mean on the same floats
     cot = (_randn(shape, layout, gen, dev, 1.0), torch.randn((1, c), generator=gen).to(dev))
-    bad += _compare(backend, ops.gate_pool, (x, u, k), cot, {}, {"grad_k": 2})
-    assert not bad, "; ".join(bad)
-
-
-@pytest.mark.parametrize("target,side,c,layout", CASES)
-def test_residual_gate_pool(target, side, c, layout):
-    backend, dev = target
-    gen = torch.Generator().manual_seed(1)
-    shape = (1, c, side, side)
-    x, branch = _randn(shape, layout, gen, dev, 3.0), _randn(shape, layout, gen, dev, 1.0)
-    k = torch.full((1,), 0.6, device=dev)
-    out, pooled = ops.residual_gate_pool(x, branch, k, backend=backend)
-    bad = _check("pooled", pooled, out.mean((2, 3)), out.double().mean((2, 3)))
-    cot = (_randn(shape, layout, gen, dev, 1.0), torch.randn((1, c), generator=gen).to(dev))
-    bad += _compare(backend, ops.residual_gate_pool, (x, branch, k), cot, {}, {"grad_k": 2})
+    bad += _compare(backend, fn, (x, u, k), cot, {}, {"grad_k": 2})
     assert not bad, "; ".join(bad)
 
 

@@ -20,19 +20,14 @@ import torch
 from fanet_kernels.cli import checkpoint as ckpt
 from fanet_kernels.cli import main
 
-from test_cli import FAST, TINY_MODEL, _main_error
+from test_cli import FAST, _main_error, install_tiny_model
 from test_data import make_cifar
 
 
 @pytest.fixture
 def tiny_model(tmp_path, monkeypatch) -> str:
     """test_cli's stand-in model, importable here and in subprocesses."""
-    folder = tmp_path / "models"
-    folder.mkdir()
-    (folder / "rel_tiny_model.py").write_text(TINY_MODEL)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
-    return "rel_tiny_model:tiny"
+    return install_tiny_model(tmp_path, monkeypatch, "rel_tiny_model")
 
 
 @pytest.fixture(scope="module")
