@@ -1,4 +1,4 @@
-"""Shared setup of the benchmarks (issue 7, SPEC §5).
+"""Shared setup of the benchmarks (SPEC §5).
 
 Every benchmark group compares, in one run, the rows of one case: a ``torch.clone`` of the
 same number of bytes (the copy bound), the eager reference, ``torch.compile`` of the

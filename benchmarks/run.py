@@ -1,10 +1,10 @@
-"""Run the benchmark suite and write benchmarks/RESULTS.md (issue 7).
+"""Run the benchmark suite and write benchmarks/RESULTS.md.
 
     python benchmarks/run.py            # full matrix (slow on a 2-core CPU)
     python benchmarks/run.py --quick    # one shape per family, fewer rounds, batch 32 networks
     python benchmarks/run.py --from-json benchmarks/results.json   # only re-render the tables
 
-RESULTS.md holds the machine, the versions, the date, the targets of issue 7 with the measured
+RESULTS.md holds the machine, the versions, the date, the performance targets with the measured
 ratios (saying where a target is missed and by how much), and the tables of every group.
 The pytest-benchmark JSON is kept beside it (results.json) for comparison across machines, with
 each row's summary statistics but not its per-round samples (a million lines in a full run, which
@@ -28,7 +28,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 
-# Targets of issue 7 (goals for the kernels, not assertions).
+# Performance targets (goals for the kernels, not assertions).
 TARGET_OPS = ("gate_pool", "residual_gate_pool", "bn_residual_gate_pool")  # fwd+bwd rows with the targets below
 TARGET_VS_EAGER = 3.0      # gate_pool fwd+bwd: fused at least 3x faster than the eager reference
 TARGET_VS_COMPILED = 1.5   # ... and at least 1.5x faster than torch.compile of it
@@ -257,7 +257,7 @@ def render(data: dict, env: dict, run: dict) -> str:
         "forward 1·S, forward+backward 3·S. *copy* = `torch.clone` of "
         "activation-sized tensors moving the same bytes in the same run (sized like the ops' outputs, so "
         "both get their memory the same way), so `time / copy` is the distance to the copy bound.", "",
-        "## Targets (issue 7)", "",
+        "## Targets", "",
         "### gate_pool forward+backward", "", *op_targets["gate_pool"], "",
         "### residual_gate_pool forward+backward", "",
         "The op the FA chains run for residual blocks with an identity shortcut (the block's add and ReLU "

@@ -1,5 +1,5 @@
 """Network-level benchmark: one training step (forward + backward + SGD step) of ResNet-56
-against FA-ResNet-56 and FA-SE-ResNet-56 on CIFAR shapes (issue 7).
+against FA-ResNet-56 and FA-SE-ResNet-56 on CIFAR shapes.
 
 One group per (batch, device); rows, in run order: ``resnet56`` eager and compiled,
 ``se_resnet56`` eager (context for FA-SE), then for each FA network the fused backend(s) of

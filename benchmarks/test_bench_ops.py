@@ -1,5 +1,5 @@
 """Op-level benchmarks of fanet::gate_pool, residual_gate_pool, bn_residual_gate_pool, gate and focus
-(issue 7, SPEC §5).
+(SPEC §5).
 
 One pytest-benchmark group per (op, pass, shape, dtype, layout, device); its rows, in run
 order: ``clone`` (torch.clone of activation-sized tensors moving the same bytes: the copy

@@ -1,4 +1,4 @@
-"""The benchmark suite still runs and renders (issue 7): one op group and one training-step row in
+"""The benchmark suite still runs and renders: one op group and one training-step row in
 quick mode, then benchmarks/run.py --from-json on their results.  Timings are not checked."""
 from __future__ import annotations
 

@@ -59,8 +59,8 @@ namespace vec = at::vec;
 
 // Two float vectors rounded to one vector of scalar_t (float16/bfloat16).  Where the build machine
 // has AVX512-BF16, bfloat16 takes one instruction (vcvtne2ps2bf16) instead of at::vec's rounding in
-// about ten integer ops per vector (12 % of the bfloat16 kernels' time at the ResNet-56 shapes,
-// benchmarks/PROFILE.md item 12).  It rounds to nearest even too, but flushes denormals and quiets
+// about ten integer ops per vector (a measurable share of the bfloat16 kernels' time).  It rounds
+// to nearest even too, but flushes denormals and quiets
 // NaNs, so a step holding either takes at::vec's path: results stay bit-identical to ATen's.
 template <typename scalar_t>
 inline vec::Vectorized<scalar_t> round_from_float(const vec::Vectorized<float>& a, const vec::Vectorized<float>& b) {
