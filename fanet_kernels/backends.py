@@ -63,6 +63,10 @@ class Backend:
     # its build carries no code for): ``auto`` passes such a device on, naming the backend raises.
     device_check: Optional[Callable[[torch.device], Optional[str]]] = None
 
+    def refusal(self, device: torch.device) -> Optional[str]:
+        """Why this backend cannot run on ``device`` (None where it can, or where it cannot say)."""
+        return None if self.device_check is None else self.device_check(device)
+
 
 # name -> module that defines BACKEND (imported on first use, so `import fanet_kernels` stays
 # light and a backend whose toolchain is missing only fails when it is asked for).
@@ -179,7 +183,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on tensors of ``device`` here."""
     device = torch.device(device)
     return [n for n in NAMES[1:] if (b := load(n)) is not None and device.type in b.devices
-            and (b.device_check is None or b.device_check(device) is None)]
+            and b.refusal(device) is None]
 
 
 def resolve(name: Optional[str], device: torch.device) -> Backend:
@@ -195,7 +199,7 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
         for candidate in AUTO_ORDER.get(dev, ("reference",)):
             backend = load(candidate)
             if backend is not None and dev in backend.devices and (backend.func_transforms or not transformed) \
-                    and (backend.device_check is None or backend.device_check(device) is None):
+                    and backend.refusal(device) is None:
                 return backend
         raise RuntimeError(f"fanet: no backend can run on device {device}")  # reference always can
     backend = load(name)
@@ -204,7 +208,7 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     if dev not in backend.devices:
         raise ValueError(f"fanet: backend {name!r} does not run on {dev} tensors "
                          f"(it runs on: {', '.join(backend.devices)})")
-    if backend.device_check is not None and (reason := backend.device_check(device)) is not None:
+    if (reason := backend.refusal(device)) is not None:
         raise RuntimeError(reason)
     if transformed and not backend.func_transforms:
         raise RuntimeError(f"fanet: backend {name!r} cannot run inside torch.func's grad, vjp, jvp, jacrev, "
