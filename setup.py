@@ -8,9 +8,13 @@ Environment flags (in the style of flash-attention's setup.py):
                           sm_80 (A100, and sm_86/sm_89 GPUs) and sm_90 (H100/H200), and sm_90's PTX,
                           which the driver compiles for newer GPUs.  The extension records the list
                           (fanet_kernels._C.cuda_archs()); backend 'cuda' refuses a GPU it does not cover.
-  FANET_CPU_ISA=auto|avx512bf16|avx512|avx2|generic
-                          SIMD width of the CPU kernels; auto picks what this machine's CPU has
-                          (avx512bf16: AVX-512 with the BF16 conversion instructions).
+  FANET_CPU_CAPABILITIES=all|<list>
+                          The SIMD levels the CPU kernels are compiled for, as a comma-separated list
+                          of avx2, avx512, avx512bf16 (default: all of them on x86-64; other machines
+                          build only the default level).  Every build holds the default level (no
+                          SIMD flags); at run time the extension uses the best level this CPU runs
+                          (or FANET_CPU_CAPABILITY's), so one build runs on every x86-64 CPU.  A shorter
+                          list only makes a quicker build, for development.
   FANET_PTXAS_VERBOSE=1   print ptxas register/spill reports for every CUDA kernel.
   MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension.
 """
@@ -33,36 +37,38 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default).strip().lower()
 
 
-def _cpu_isa() -> str:
-    isa = _env("FANET_CPU_ISA", "auto")
-    if isa not in ("auto", *CPU_ISA_FLAGS):
-        sys.exit(f"setup.py: FANET_CPU_ISA must be auto, {', '.join(CPU_ISA_FLAGS)}, got {isa!r}")
-    if isa != "auto":
-        return isa
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "generic"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return "generic"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-        return "avx512bf16" if "avx512_bf16" in flags else "avx512"
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "avx2"
-    return "generic"
-
-
-# ATen's Vectorized<T> picks its SIMD implementation from CPU_CAPABILITY_* macros (it is
-# header-only), so defining them with the matching -m flags gives real AVX2/AVX-512 lanes.
-_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-           "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
-CPU_ISA_FLAGS = {
-    "avx512bf16": _AVX512 + ["-mavx512bf16"],  # bfloat16 rounding in one instruction (fa_cpu.cpp)
-    "avx512": _AVX512,
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
-    "generic": [],
+# The SIMD levels of the CPU kernels (csrc/cpu/dispatch.cpp picks one at run time), as ATen compiles
+# its own: each level's flags, and CPU_CAPABILITY, which names the namespace its code lives in (ours
+# and at::vec's).  ATen's Vectorized<T> picks its SIMD implementation from the CPU_CAPABILITY_AVX2 /
+# _AVX512 macros (it is header-only), so they give real AVX2/AVX-512 lanes.  The AVX512BF16 level is
+# AVX512's plus one instruction that rounds float to bfloat16 (csrc/cpu/walks.h): it holds only the
+# bfloat16 kernels, and needs the AVX512 level for the other dtypes.
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512"]
+CPU_LEVEL_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": _AVX512 + ["-DCPU_CAPABILITY=AVX512"],
+    "avx512bf16": _AVX512 + ["-mavx512bf16", "-DCPU_CAPABILITY=AVX512BF16", "-DCPU_CAPABILITY_AVX512BF16"],
 }
+
+
+def _cpu_levels() -> list[str]:
+    """The SIMD levels to compile, default first (see FANET_CPU_CAPABILITIES)."""
+    if "FANET_CPU_ISA" in os.environ:
+        print("fanet_kernels: FANET_CPU_ISA is ignored: every SIMD level is compiled and the best one that "
+              "the CPU runs is picked at run time (FANET_CPU_CAPABILITIES restricts the levels built)",
+              file=sys.stderr)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["default"]
+    simd = [level for level in CPU_LEVEL_FLAGS if level != "default"]
+    flag = _env("FANET_CPU_CAPABILITIES", "all")
+    asked = list(simd) if flag == "all" else [v.strip() for v in flag.split(",") if v.strip() not in ("", "default")]
+    if any(level not in simd for level in asked):
+        sys.exit(f"setup.py: FANET_CPU_CAPABILITIES must be all or a comma-separated list of {', '.join(simd)}, "
+                 f"got {flag!r}")
+    if "avx512bf16" in asked:
+        asked.append("avx512")
+    return ["default"] + [level for level in simd if level in asked]
 
 
 def _cuda_arch_module():
@@ -117,16 +123,19 @@ def _extensions():
                  "then build against it with `pip install -e . --no-build-isolation` (see README).")
 
     with_cuda = _want_cuda(torch)
-    isa = _cpu_isa()
+    levels = _cpu_levels()
     sources = ["csrc/fanet.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` (torch's OpenMP backend);
     # without it every CPU kernel runs on one thread.  torch ships libgomp.so.1, which the
     # extension then shares.
     # -ffp-contract=off: GCC would fuse a * b + c into one FMA where -mfma allows (its default outside
     # ISO C), nvcc does where --fmad=false does not forbid it: both devices round every operation
-    # as written, and fuse only where fa_math.h asks (Lane::fmadd), so their element-wise results agree.
+    # as written, and fuse only where fa_math.h asks (Primitives::fmadd), so their element-wise results agree.
+    # -Wno-psabi: GCC notes that 32-byte vectors passed by value (the default level's) change ABI with
+    # -mavx; they never cross a level's boundary.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DFANET_PYTHON_MODULE", "-Wall",
-           "-Wno-unused-function", "-Wno-unknown-pragmas"] + CPU_ISA_FLAGS[isa]
+           "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    cxx += [f"-DFANET_CPU_{level.upper()}" for level in levels[1:]]  # the levels dispatch.cpp may pick
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
@@ -146,16 +155,46 @@ def _extensions():
         extra["nvcc"] = nvcc
         cxx.append("-DFANET_WITH_CUDA")
         ext_cls = cpp_extension.CUDAExtension
-    print(f"fanet_kernels: building _C for CPU ({isa})"
+    print(f"fanet_kernels: building _C for CPU (SIMD levels {', '.join(levels)})"
           + (f" and CUDA (arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else " only"),
           file=sys.stderr)
-    return [ext_cls("fanet_kernels._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
-                    include_dirs=[os.path.join(ROOT, "csrc")])], cpp_extension.BuildExtension
+    ext = ext_cls("fanet_kernels._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                  include_dirs=[os.path.join(ROOT, "csrc")])
+    # The kernels of each level: csrc/cpu/capability/<family>_<level>.cpp, compiled by _level_build.
+    ext.cpu_levels = {level: sorted(glob.glob(f"csrc/cpu/capability/*_{level}.cpp")) for level in levels}
+    return [ext], _level_build(cpp_extension.BuildExtension)
+
+
+def _level_build(build_ext):
+    """build_ext that first compiles each SIMD level's kernel sources (ext.cpu_levels) with that level's
+    flags (CPU_LEVEL_FLAGS) added to the extension's own, one compile call per level (torch's ninja
+    build takes one set of flags per call), then links their objects after the other sources',
+    the default level's first.  Order matters: an inline function of a torch header that several
+    objects define is taken from the first object that has it, which is then one compiled without
+    SIMD flags (host code, or the default level), not an AVX-512 one that an older CPU cannot run.
+    tests/test_cpu_dispatch.py checks the linked library for that."""
+
+    class LevelBuild(build_ext):
+        def build_extension(self, ext):
+            levels = getattr(ext, "cpu_levels", {})
+            objects = []
+            for level, level_sources in levels.items():
+                if not level_sources:
+                    continue
+                extra = dict(ext.extra_compile_args)
+                extra["cxx"] = list(extra["cxx"]) + CPU_LEVEL_FLAGS[level]
+                objects += self.compiler.compile(level_sources, output_dir=self.build_temp, macros=ext.define_macros,
+                                                 include_dirs=ext.include_dirs, debug=self.debug,
+                                                 extra_postargs=extra, depends=ext.depends)
+            ext.extra_objects = objects + [o for o in ext.extra_objects if o not in objects]
+            super().build_extension(ext)
+
+    return LevelBuild
 
 
 def _timed(build_ext):
     """build_ext that prints the wall time of each extension and, from ninja's log, of each source
-    (CI reports the CUDA compile time from the line of csrc/cuda/fa_cuda.cu)."""
+    (CI reports the CUDA compile time from the lines of csrc/cuda/*.cu)."""
 
     class TimedBuild(build_ext):
         def build_extension(self, ext):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The oldest torch and triton that pyproject.toml claims, in a second virtual environment
 # (.venv-oldest): builds the extension there and runs the op suite's CPU targets ("cpu", and
-# "triton" under TRITON_INTERPRET=1, plus the target-less op tests) of tests/test_ops.py and
-# tests/test_bn_gate.py.  Only the C++ CPU kernels are built (FANET_CUDA=0): the main
+# "triton" under TRITON_INTERPRET=1, plus the target-less op tests) of the op families' test files
+# (tests/test_gate.py, test_residual.py, test_bn_gate.py, test_focus.py), and the CPU kernels' SIMD
+# levels (tests/test_cpu_dispatch.py).  Only the C++ CPU kernels are built (FANET_CUDA=0): the main
 # environment's step compiles the CUDA sources.  The build runs on a copy of the working tree
 # in build/oldest/src, so its _C*.so cannot replace the main environment's in-place one (both
 # are built for the same Python).  Fails if pyproject.toml's lower bounds for torch and triton
@@ -78,9 +79,11 @@ for name, version in installed.items():
                  f"(e.g. {name}>={'.'.join(release.split('.')[:2])}); it claims {bounds or 'no lower bound'}")
 EOF
 
-log "tests: pytest tests/test_ops.py tests/test_bn_gate.py -m 'not cuda'"
+OP_TESTS="tests/test_gate.py tests/test_residual.py tests/test_bn_gate.py tests/test_focus.py tests/test_cpu_dispatch.py"
+log "tests: pytest $OP_TESTS -m 'not cuda'"
 # Any non-zero exit fails the step, 5 ("no tests collected") included.
 # The filter: triton 3.6's interpreter warns once per int() of a 1-element array (tens of thousands).
-"$VPY" -m pytest tests/test_ops.py tests/test_bn_gate.py -m "not cuda" -q -p no:cacheprovider \
+# shellcheck disable=SC2086
+"$VPY" -m pytest $OP_TESTS -m "not cuda" -q -p no:cacheprovider \
   -W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"
 log "passed"

@@ -6,6 +6,7 @@
 // forward + backward (2x16x4x4 gate_pool: 102 us against 52 us here).  The backward ops are
 // differentiable no further: a double backward through them raises (BackwardFunction).
 #include "common/checks.h"
+#include "common/results.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -30,9 +31,6 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 std::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 
-using Triple = std::tuple<Tensor, Tensor, Tensor>;
-using Five = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-
 // A forward op and its backward op, by schema name: the template argument of the nodes below.
 struct OpPair {
   const char* forward;
@@ -44,6 +42,8 @@ constexpr OpPair kResidualGatePool{"fanet::residual_gate_pool", "fanet::residual
 constexpr OpPair kFocus{"fanet::focus", "fanet::focus_backward"};
 constexpr OpPair kMlp{"fanet::mlp", "fanet::mlp_backward"};
 constexpr OpPair kBnResidualGatePool{"fanet::bn_residual_gate_pool", "fanet::bn_residual_gate_pool_backward"};
+constexpr OpPair kBnSeResidualGatePool{"fanet::bn_se_residual_gate_pool", "fanet::bn_se_residual_gate_pool_backward"};
+constexpr OpPair kBnSeResidual{"fanet::bn_se_residual", "fanet::bn_se_residual_backward"};
 
 // fanet::gate: (x, u, k) -> out.
 struct GateFunction : torch::autograd::Function<GateFunction> {
@@ -55,7 +55,7 @@ struct GateFunction : torch::autograd::Function<GateFunction> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
-        find_op<Triple(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(kGate.backward);
+        find_op<GateGrads(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(kGate.backward);
     const auto s = ctx->get_saved_variables();
     const auto [gx, gu, gk] = op.call(grads[0], s[0], s[1], s[2]);
     return {gx, gu, gk};
@@ -67,8 +67,7 @@ struct GateFunction : torch::autograd::Function<GateFunction> {
 template <const OpPair& Ops>
 struct GatePoolFunction : torch::autograd::Function<GatePoolFunction<Ops>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& u, const Tensor& k) {
-    static const auto op =
-        find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(Ops.forward);
+    static const auto op = find_op<GatePoolResult(const Tensor&, const Tensor&, const Tensor&)>(Ops.forward);
     ctx->save_for_backward({x, u, k});
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -76,8 +75,8 @@ struct GatePoolFunction : torch::autograd::Function<GatePoolFunction<Ops>> {
     return {out, pooled};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<Triple(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
-                                          const Tensor&, const Tensor&)>(Ops.backward);
+    static const auto op = find_op<GateGrads(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
+                                             const Tensor&, const Tensor&)>(Ops.backward);
     const auto s = ctx->get_saved_variables();
     const auto [gx, gu, gk] = op.call(maybe(grads[0]), maybe(grads[1]), s[0], s[1], s[2]);
     return {gx, gu, gk};
@@ -88,11 +87,10 @@ struct GatePoolFunction : torch::autograd::Function<GatePoolFunction<Ops>> {
 // (out, pooled, mean, var); mean and var are statistics for the caller's running stats, not
 // differentiable (in training their dependence on z is in the backward op's grad_z).
 struct BnResidualGatePoolFunction : torch::autograd::Function<BnResidualGatePoolFunction> {
-  using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                             const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                                             const std::optional<Tensor>&, bool, double);
-  using Backward = Five(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double);
+  using Forward = BnGatePoolResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double);
+  using Backward = BnGateGrads(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double);
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& z, const Tensor& k,
                                const Tensor& weight, const Tensor& bias, const std::optional<Tensor>& running_mean,
                                const std::optional<Tensor>& running_var, bool training, double eps) {
@@ -109,27 +107,96 @@ struct BnResidualGatePoolFunction : torch::autograd::Function<BnResidualGatePool
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<Backward>(kBnResidualGatePool.backward);
     const auto s = ctx->get_saved_variables();
-    const auto [gx, gz, gk, gw, gb] = op.call(maybe(grads[0]), maybe(grads[1]), s[0], s[1], s[2], s[3], s[4], s[5],
-                                              s[6], ctx->saved_data["training"].toBool(),
-                                              ctx->saved_data["eps"].toDouble());
+    const auto [gx, gz, gk, gw, gb] =
+        op.call(maybe(grads[0]), maybe(grads[1]), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble());
     return {gx, gz, gk, gw, gb, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// fanet::bn_se_residual_gate_pool: (x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean,
+// running_var, training, eps) -> (out, pooled, mean, var, z_mean); mean, var and z_mean (z's plane
+// means, saved for the backward) are not differentiable.
+struct BnSeResidualGatePoolFunction : torch::autograd::Function<BnSeResidualGatePoolFunction> {
+  using Forward = BnSeGatePoolResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double);
+  using Backward = BnSeGateGrads(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
+                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 const Tensor&, bool, double);
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& z, const Tensor& k,
+                               const Tensor& weight, const Tensor& bias, const Tensor& w1, const Tensor& b1,
+                               const Tensor& w2, const Tensor& b2, const std::optional<Tensor>& running_mean,
+                               const std::optional<Tensor>& running_var, bool training, double eps) {
+    static const auto op = find_op<Forward>(kBnSeResidualGatePool.forward);
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto [out, pooled, mean, var, z_mean] =
+        op.call(x, z, k, weight, bias, w1, b1, w2, b2, running_mean, running_var, training, eps);
+    ctx->save_for_backward({x, z, k, weight, bias, w1, b1, w2, b2, mean, var, z_mean});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, var, z_mean});
+    return {out, pooled, mean, var, z_mean};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<Backward>(kBnSeResidualGatePool.backward);
+    const auto s = ctx->get_saved_variables();
+    const auto [gx, gz, gk, gw, gb, gw1, gb1, gw2, gb2] =
+        op.call(maybe(grads[0]), maybe(grads[1]), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
+                s[11], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble());
+    return {gx, gz, gk, gw, gb, gw1, gb1, gw2, gb2, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// fanet::bn_se_residual: as above without k and pooled -> (out, mean, var, z_mean).
+struct BnSeResidualFunction : torch::autograd::Function<BnSeResidualFunction> {
+  using Forward = BnSeResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                             bool, double);
+  using Backward = BnSeGrads(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             bool, double);
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& z, const Tensor& weight,
+                               const Tensor& bias, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                               const Tensor& b2, const std::optional<Tensor>& running_mean,
+                               const std::optional<Tensor>& running_var, bool training, double eps) {
+    static const auto op = find_op<Forward>(kBnSeResidual.forward);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto [out, mean, var, z_mean] =
+        op.call(x, z, weight, bias, w1, b1, w2, b2, running_mean, running_var, training, eps);
+    ctx->save_for_backward({x, z, weight, bias, w1, b1, w2, b2, mean, var, z_mean});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, var, z_mean});
+    return {out, mean, var, z_mean};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<Backward>(kBnSeResidual.backward);
+    const auto s = ctx->get_saved_variables();
+    const auto [gx, gz, gw, gb, gw1, gb1, gw2, gb2] =
+        op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
+                ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble());
+    return {gx, gz, gw, gb, gw1, gb1, gw2, gb2, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 // fanet::focus and fanet::mlp: (input, w1, b1, w2, b2) -> k.
 template <const OpPair& Ops>
 struct HeadFunction : torch::autograd::Function<HeadFunction<Ops>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& in, const Tensor& w1, const Tensor& b1,
-                        const Tensor& w2, const Tensor& b2) {
-    static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-        Ops.forward);
+  static Tensor forward(AutogradContext* ctx, const Tensor& in, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                        const Tensor& b2) {
+    static const auto op =
+        find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(Ops.forward);
     ctx->save_for_backward({in, w1, b1, w2, b2});
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(in, w1, b1, w2, b2);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<Five(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                        const Tensor&)>(Ops.backward);
+    static const auto op =
+        find_op<HeadGrads(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+            Ops.backward);
     const auto s = ctx->get_saved_variables();
     const auto [gin, gw1, gb1, gw2, gb2] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4]);
     return {gin, gw1, gb1, gw2, gb2};
@@ -155,8 +222,11 @@ struct BackwardFunction : torch::autograd::Function<BackwardFunction<Ops, Result
     return std::apply([](auto&&... grads) { return variable_list{grads...}; }, call(args...));
   }
   static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "fanet: ", Ops.backward, " is not differentiable: the fanet ops have first "
-                                "derivatives only (no double backward through ", Ops.forward, "); the reference "
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "fanet: ", Ops.backward,
+                                " is not differentiable: the fanet ops have first "
+                                "derivatives only (no double backward through ",
+                                Ops.forward,
+                                "); the reference "
                                 "backend, fanet_kernels.use_backend(\"reference\"), has higher ones");
   }
 };
@@ -166,8 +236,9 @@ Result backward_op(Param<Args>... args) {
   using F = BackwardFunction<Ops, Result, Args...>;
   if (!at::GradMode::is_enabled()) return F::call(args...);  // an ordinary backward: no node
   const auto grads = F::apply(args...);
-  return [&]<size_t... I>(std::index_sequence<I...>) { return Result{grads[I]...}; }(
-      std::make_index_sequence<std::tuple_size_v<Result>>());
+  return [&]<size_t... I>(std::index_sequence<I...>) {
+    return Result{grads[I]...};
+  }(std::make_index_sequence<std::tuple_size_v<Result>>());
 }
 
 using Grad = std::optional<Tensor>;
@@ -175,18 +246,36 @@ using Grad = std::optional<Tensor>;
 Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return GateFunction::apply(x, u, k); }
 
 template <const OpPair& Ops>
-std::tuple<Tensor, Tensor> gate_pool(const Tensor& x, const Tensor& u, const Tensor& k) {
+GatePoolResult gate_pool(const Tensor& x, const Tensor& u, const Tensor& k) {
   const auto r = GatePoolFunction<Ops>::apply(x, u, k);
   return {r[0], r[1]};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_residual_gate_pool(const Tensor& x, const Tensor& z, const Tensor& k,
-                                                                  const Tensor& weight, const Tensor& bias,
-                                                                  const std::optional<Tensor>& running_mean,
-                                                                  const std::optional<Tensor>& running_var,
-                                                                  bool training, double eps) {
+BnGatePoolResult bn_residual_gate_pool(const Tensor& x, const Tensor& z, const Tensor& k, const Tensor& weight,
+                                       const Tensor& bias, const std::optional<Tensor>& running_mean,
+                                       const std::optional<Tensor>& running_var, bool training, double eps) {
   check_bn_affine(weight, bias);  // before apply, which records its inputs (an undefined one fails there)
   const auto r = BnResidualGatePoolFunction::apply(x, z, k, weight, bias, running_mean, running_var, training, eps);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+BnSeGatePoolResult bn_se_residual_gate_pool(const Tensor& x, const Tensor& z, const Tensor& k, const Tensor& weight,
+                                            const Tensor& bias, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                                            const Tensor& b2, const std::optional<Tensor>& running_mean,
+                                            const std::optional<Tensor>& running_var, bool training, double eps) {
+  check_bn_affine(weight, bias);  // as bn_residual_gate_pool
+  const auto r = BnSeResidualGatePoolFunction::apply(x, z, k, weight, bias, w1, b1, w2, b2, running_mean, running_var,
+                                                     training, eps);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
+BnSeResult bn_se_residual(const Tensor& x, const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& w1,
+                          const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                          const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                          bool training, double eps) {
+  check_bn_affine(weight, bias);
+  const auto r =
+      BnSeResidualFunction::apply(x, z, weight, bias, w1, b1, w2, b2, running_mean, running_var, training, eps);
   return {r[0], r[1], r[2], r[3]};
 }
 
@@ -204,13 +293,20 @@ TORCH_LIBRARY_IMPL(fanet, Autograd, m) {
   m.impl("focus", &head<kFocus>);
   m.impl("mlp", &head<kMlp>);
   m.impl("bn_residual_gate_pool", &bn_residual_gate_pool);
-  m.impl("gate_backward", &backward_op<kGate, Triple, Tensor, Tensor, Tensor, Tensor>);
-  m.impl("gate_pool_backward", &backward_op<kGatePool, Triple, Grad, Grad, Tensor, Tensor, Tensor>);
-  m.impl("residual_gate_pool_backward", &backward_op<kResidualGatePool, Triple, Grad, Grad, Tensor, Tensor, Tensor>);
-  m.impl("focus_backward", &backward_op<kFocus, Five, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>);
-  m.impl("mlp_backward", &backward_op<kMlp, Five, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>);
-  m.impl("bn_residual_gate_pool_backward", &backward_op<kBnResidualGatePool, Five, Grad, Grad, Tensor, Tensor, Tensor,
-                                                        Tensor, Tensor, Tensor, Tensor, bool, double>);
+  m.impl("bn_se_residual_gate_pool", &bn_se_residual_gate_pool);
+  m.impl("bn_se_residual", &bn_se_residual);
+  m.impl("gate_backward", &backward_op<kGate, GateGrads, Tensor, Tensor, Tensor, Tensor>);
+  m.impl("gate_pool_backward", &backward_op<kGatePool, GateGrads, Grad, Grad, Tensor, Tensor, Tensor>);
+  m.impl("residual_gate_pool_backward", &backward_op<kResidualGatePool, GateGrads, Grad, Grad, Tensor, Tensor, Tensor>);
+  m.impl("focus_backward", &backward_op<kFocus, HeadGrads, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>);
+  m.impl("mlp_backward", &backward_op<kMlp, HeadGrads, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>);
+  m.impl("bn_residual_gate_pool_backward", &backward_op<kBnResidualGatePool, BnGateGrads, Grad, Grad, Tensor, Tensor,
+                                                        Tensor, Tensor, Tensor, Tensor, Tensor, bool, double>);
+  m.impl("bn_se_residual_gate_pool_backward",
+         &backward_op<kBnSeResidualGatePool, BnSeGateGrads, Grad, Grad, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                      Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, double>);
+  m.impl("bn_se_residual_backward", &backward_op<kBnSeResidual, BnSeGrads, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                 Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, double>);
 }
 
 }  // namespace fanet

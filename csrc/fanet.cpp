@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include "common/build_info.h"
+#include "cpu/capability.h"
 
 namespace {
 PyObject* cuda_archs(PyObject*, PyObject*) {
@@ -18,18 +19,43 @@ PyObject* cuda_archs(PyObject*, PyObject*) {
 #endif
 }
 
+// A bad FANET_CPU_CAPABILITY raises ValueError, as the ops do (c10::ValueError).
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(fanet::cpu::capability().c_str());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* cpu_capabilities(PyObject*, PyObject*) {
+  const auto names = fanet::cpu::capabilities();
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (t == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) PyTuple_SET_ITEM(t, i, PyUnicode_FromString(names[i].c_str()));
+  return t;
+}
+
 PyMethodDef methods[] = {
     {"cuda_archs", cuda_archs, METH_NOARGS,
      "The CUDA architectures the kernels were built for, as in TORCH_CUDA_ARCH_LIST (\"7.5;8.0;9.0+PTX\"); "
      "\"\" if the build did not record them; None without CUDA kernels."},
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The SIMD level the CPU kernels run at in this process: the best this build holds and this CPU runs "
+     "(\"default\", \"avx2\", \"avx512\", \"avx512bf16\"), or the environment variable "
+     "FANET_CPU_CAPABILITY's, which may name a lower one.  ValueError if that variable is invalid."},
+    {"cpu_capabilities", cpu_capabilities, METH_NOARGS,
+     "The SIMD levels of the CPU kernels that this build holds and this CPU runs, lowest first: "
+     "the values FANET_CPU_CAPABILITY may take here."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
 // `import fanet_kernels._C` loads this library, which runs the registrations below.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "fanet_kernels compiled ops (see torch.ops.fanet)", -1, methods};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "fanet_kernels compiled ops (see torch.ops.fanet)", -1, methods};
   return PyModule_Create(&module_def);
 }
 }
@@ -52,15 +78,29 @@ TORCH_LIBRARY(fanet, m) {
       "bn_residual_gate_pool(Tensor x, Tensor z, Tensor k, Tensor weight, Tensor bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
       tags);
+  // The BatchNorm -> SE tail of an SE residual block inside the residual gate: S = batch_norm(z) * e
+  // with e = sigmoid(se_w2 . relu(se_w1 . mean_hw(batch_norm(z)) + se_b1) + se_b2) per (n, c), then
+  // residual_gate_pool's U = relu(S + x) and gate.  Also returns z's plane means z_mean (N, C) (for the
+  // backward; accumulation dtype); mean, var as bn_residual_gate_pool's.
+  m.def(
+      "bn_se_residual_gate_pool(Tensor x, Tensor z, Tensor k, Tensor weight, Tensor bias, Tensor se_w1, "
+      "Tensor se_b1, Tensor se_w2, Tensor se_b2, Tensor? running_mean, Tensor? running_var, bool training, "
+      "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
+  // The same without the gate: out = U = relu(S + x), the SE residual block's output.
+  m.def(
+      "bn_se_residual(Tensor x, Tensor z, Tensor weight, Tensor bias, Tensor se_w1, Tensor se_b1, Tensor se_w2, "
+      "Tensor se_b2, Tensor? running_mean, Tensor? running_var, bool training, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
   // k'[n] = sigmoid(w2 . relu(w1 . mean_hw(x[n]) + b1) + b2)
   m.def("focus(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", tags);
-  // The MLP head alone on inputs l (N, C): k[n] = sigmoid(w2 . relu(w1 . l[n] + b1) + b2).  FA's
+  // The MLP head alone on inputs (N, C): k[n] = sigmoid(w2 . relu(w1 . inputs[n] + b1) + b2).  FA's
   // focus MLP on a pool a gate already wrote, and its association MLP on the k history.
-  m.def("mlp(Tensor l, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", tags);
+  m.def("mlp(Tensor inputs, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor", tags);
 
   // Backward ops: -> (grad_x, grad_u, grad_k)
-  m.def("gate_backward(Tensor grad_out, Tensor x, Tensor u, Tensor k) -> (Tensor, Tensor, Tensor)",
-        tags);
+  m.def("gate_backward(Tensor grad_out, Tensor x, Tensor u, Tensor k) -> (Tensor, Tensor, Tensor)", tags);
   // grad_pooled is folded into grad_out on the fly; either may be None (no gradient).
   m.def(
       "gate_pool_backward(Tensor? grad_out, Tensor? grad_pooled, Tensor x, Tensor u, Tensor k) "
@@ -77,14 +117,28 @@ TORCH_LIBRARY(fanet, m) {
       "Tensor weight, Tensor bias, Tensor mean, Tensor var, bool training, float eps) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       tags);
+  // -> (grad_x, grad_z, grad_k, grad_weight, grad_bias, grad_se_w1, grad_se_b1, grad_se_w2, grad_se_b2);
+  // mean, var, z_mean: the forward's.
+  m.def(
+      "bn_se_residual_gate_pool_backward(Tensor? grad_out, Tensor? grad_pooled, Tensor x, Tensor z, Tensor k, "
+      "Tensor weight, Tensor bias, Tensor se_w1, Tensor se_b1, Tensor se_w2, Tensor se_b2, Tensor mean, "
+      "Tensor var, Tensor z_mean, bool training, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
+  // -> (grad_x, grad_z, grad_weight, grad_bias, grad_se_w1, grad_se_b1, grad_se_w2, grad_se_b2)
+  m.def(
+      "bn_se_residual_backward(Tensor grad_out, Tensor x, Tensor z, Tensor weight, Tensor bias, Tensor se_w1, "
+      "Tensor se_b1, Tensor se_w2, Tensor se_b2, Tensor mean, Tensor var, Tensor z_mean, bool training, "
+      "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
   // -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
   m.def(
       "focus_backward(Tensor grad_k, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       tags);
-  // -> (grad_l, grad_w1, grad_b1, grad_w2, grad_b2)
+  // -> (grad_inputs, grad_w1, grad_b1, grad_w2, grad_b2)
   m.def(
-      "mlp_backward(Tensor grad_k, Tensor l, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
+      "mlp_backward(Tensor grad_k, Tensor inputs, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       tags);
 }

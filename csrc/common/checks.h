@@ -3,7 +3,10 @@
 // The Python-side backends use fanet_kernels/_validate.py, which says the same things.
 #pragma once
 
-#include <ATen/ATen.h>
+// Tensor and the one ATen function used, not all of ATen/ATen.h: the CUDA sources include this
+// file, and nvcc parses every header once per GPU architecture.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <cctype>
 #include <optional>
@@ -47,8 +50,8 @@ inline void check_float(const at::Tensor& t, const char* name) {
 
 // x, u: (N, C, H, W), same shape, dtype and device, H*W >= 1; k: (N,), floating, same device.
 // u_name: the second argument's name in messages ("branch" for the residual op).
-inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k,
-                            const char* u_name = "u") {
+// x, u alone (no k): the pair of bn_se_residual, which has no gate.
+inline void check_pair_args(const at::Tensor& x, const at::Tensor& u, const char* u_name = "u") {
   TORCH_CHECK_VALUE(x.dim() == 4, "fanet: argument 'x' must be 4-D (N, C, H, W), got ", x.dim(),
               "-D with shape ", shape_str(x));
   check_float(x, "x");
@@ -62,6 +65,11 @@ inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::
               x.device(), "), got ", u.device());
   TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "fanet: argument 'x' must have H*W >= 1, got shape ",
               shape_str(x));
+}
+
+inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k,
+                            const char* u_name = "u") {
+  check_pair_args(x, u, u_name);
   TORCH_CHECK_VALUE(k.dim() == 1 && k.size(0) == x.size(0), "fanet: argument 'k' must have shape (N,) = (",
               x.size(0), ",), got ", shape_str(k));
   check_float(k, "k");
@@ -69,7 +77,7 @@ inline void check_gate_args(const at::Tensor& x, const at::Tensor& u, const at::
               x.device(), "), got ", k.device());
 }
 
-// The weights of the MLP head sigmoid(w2 . relu(w1 . l + b1) + b2) on C inputs: w1: (H1, C),
+// The weights of the MLP head sigmoid(w2 . relu(w1 . inputs + b1) + b2) on C inputs: w1: (H1, C),
 // b1: (H1,), w2: (1, H1), b2: (1,), one floating dtype, on `device`.
 inline void check_mlp_weights(int64_t C, const at::Device& device, const at::Tensor& w1, const at::Tensor& b1,
                               const at::Tensor& w2, const at::Tensor& b2, const char* input) {
@@ -103,13 +111,13 @@ inline void check_focus_args(const at::Tensor& x, const at::Tensor& w1, const at
   check_mlp_weights(x.size(1), x.device(), w1, b1, w2, b2, "x");
 }
 
-// l: (N, C) floating, and the MLP's weights.
-inline void check_mlp_args(const at::Tensor& l, const at::Tensor& w1, const at::Tensor& b1,
+// inputs: (N, C) floating, and the MLP's weights.
+inline void check_mlp_args(const at::Tensor& inputs, const at::Tensor& w1, const at::Tensor& b1,
                            const at::Tensor& w2, const at::Tensor& b2) {
-  TORCH_CHECK_VALUE(l.dim() == 2, "fanet: argument 'l' must be 2-D (N, C), got ", l.dim(), "-D with shape ",
-              shape_str(l));
-  check_float(l, "l");
-  check_mlp_weights(l.size(1), l.device(), w1, b1, w2, b2, "l");
+  TORCH_CHECK_VALUE(inputs.dim() == 2, "fanet: argument 'inputs' must be 2-D (N, C), got ", inputs.dim(),
+                    "-D with shape ", shape_str(inputs));
+  check_float(inputs, "inputs");
+  check_mlp_weights(inputs.size(1), inputs.device(), w1, b1, w2, b2, "inputs");
 }
 
 // The memory format the kernels run in: channels_last when x is laid out that way (and not
@@ -147,6 +155,10 @@ struct GateInputs {
   at::Tensor x, u, k;
   at::MemoryFormat fmt;
   bool residual = false;
+  // The BatchNorm table's stride per sample: 0 for one (kNormRows, C) table, kNormRows * C for the SE
+  // tail's per-sample (N, kNormRows, C) one.
+  int64_t norm_stride = 0;
+  bool no_gate = false;  // bn_se_residual: out = U (k unused, ones)
 };
 
 inline GateInputs prepare_gate(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k,
@@ -196,27 +208,61 @@ inline void check_bn_args(const at::Tensor& z, const at::Tensor& weight, const a
                     shape_str(z));
 }
 
-// MLP weights (focus or association) in the accumulation dtype of its input, contiguous
-// (they are tiny).
-struct FocusWeights {
+// The MLP head's weights (focus's or association's) in the accumulation dtype of its inputs,
+// contiguous (they are tiny).
+// The SE block's weights against its input z (N, C, H, W): se_w1 (R, C), se_b1 (R,), se_w2 (C, R),
+// se_b2 (C,), one floating dtype, on z's device (_validate.check_se).
+inline void check_se_args(const at::Tensor& z, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                          const at::Tensor& b2) {
+  const std::pair<const at::Tensor*, const char*> ws[] = {{&w1, "se_w1"}, {&b1, "se_b1"}, {&w2, "se_w2"}, {&b2, "se_b2"}};
+  for (const auto& [t, name] : ws) check_float(*t, name);
+  const int64_t C = z.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1,
+                    "fanet: argument 'se_w1' must have shape (R, C) with C = ", C, ", got ", shape_str(w1));
+  const int64_t R = w1.size(0);
+  TORCH_CHECK_VALUE(b1.dim() == 1 && b1.size(0) == R, "fanet: argument 'se_b1' must have shape (", R, ",), got ",
+                    shape_str(b1));
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, "fanet: argument 'se_w2' must have shape (",
+                    C, ", ", R, "), got ", shape_str(w2));
+  TORCH_CHECK_VALUE(b2.dim() == 1 && b2.size(0) == C, "fanet: argument 'se_b2' must have shape (", C, ",), got ",
+                    shape_str(b2));
+  for (int i = 1; i < 4; ++i)
+    TORCH_CHECK_TYPE(ws[i].first->scalar_type() == w1.scalar_type(), "fanet: argument '", ws[i].second,
+                     "' must have the dtype of se_w1 (", dtype_str(w1.scalar_type()), "), got ",
+                     dtype_str(ws[i].first->scalar_type()));
+  for (const auto& [t, name] : ws)
+    TORCH_CHECK_VALUE(t->device() == z.device(), "fanet: argument '", name, "' must be on the device of z (",
+                      z.device(), "), got ", t->device());
+}
+
+// The SE forward's plane means of z, (N, C) on z's device.
+inline void check_z_mean(const at::Tensor& z_mean, const at::Tensor& z) {
+  check_float(z_mean, "z_mean");
+  TORCH_CHECK_VALUE(z_mean.dim() == 2 && z_mean.size(0) == z.size(0) && z_mean.size(1) == z.size(1) &&
+                        z_mean.device() == z.device(),
+                    "fanet: argument 'z_mean' must have shape (", z.size(0), ", ", z.size(1), ") on z's device (",
+                    z.device(), "), got ", shape_str(z_mean), " on ", z_mean.device());
+}
+
+struct MlpWeights {
   at::Tensor w1, b1, w2, b2;
 };
 
-inline FocusWeights weights_in(at::ScalarType acc, const at::Tensor& w1, const at::Tensor& b1,
+inline MlpWeights weights_in(at::ScalarType acc, const at::Tensor& w1, const at::Tensor& b1,
                                const at::Tensor& w2, const at::Tensor& b2) {
   return {w1.to(acc).contiguous(), b1.to(acc).contiguous(), w2.to(acc).contiguous(), b2.to(acc).contiguous()};
 }
 
-inline FocusWeights prepare_focus_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+inline MlpWeights prepare_focus_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                                           const at::Tensor& w2, const at::Tensor& b2) {
   check_focus_args(x, w1, b1, w2, b2);
   return weights_in(acc_dtype(x.scalar_type()), w1, b1, w2, b2);
 }
 
-inline FocusWeights prepare_mlp_weights(const at::Tensor& l, const at::Tensor& w1, const at::Tensor& b1,
-                                        const at::Tensor& w2, const at::Tensor& b2) {
-  check_mlp_args(l, w1, b1, w2, b2);
-  return weights_in(acc_dtype(l.scalar_type()), w1, b1, w2, b2);
+inline MlpWeights prepare_mlp_weights(const at::Tensor& inputs, const at::Tensor& w1, const at::Tensor& b1,
+                                      const at::Tensor& w2, const at::Tensor& b2) {
+  check_mlp_args(inputs, w1, b1, w2, b2);
+  return weights_in(acc_dtype(inputs.scalar_type()), w1, b1, w2, b2);
 }
 
 // ---- host-side steps of the backward ops, shared by the device backends ------------------
@@ -251,7 +297,8 @@ inline GateBackwardInputs prepare_gate_backward(const std::optional<at::Tensor>&
   return {std::move(in), std::move(g), std::move(gp)};
 }
 
-inline void check_focus_grad(const at::Tensor& grad_k, const at::Tensor& x, const char* input = "x") {
+// grad_k of focus and mlp: (N,) for the op's input x or inputs (named `input` in messages).
+inline void check_grad_k(const at::Tensor& grad_k, const at::Tensor& x, const char* input = "x") {
   TORCH_CHECK_VALUE(grad_k.dim() == 1 && grad_k.size(0) == x.size(0), "fanet: argument 'grad_k' must have shape (",
                     x.size(0), ",), got ", shape_str(grad_k));
   check_float(grad_k, "grad_k");
@@ -259,13 +306,13 @@ inline void check_focus_grad(const at::Tensor& grad_k, const at::Tensor& x, cons
                     " (", x.device(), "), got ", grad_k.device());
 }
 
-// Focus weight gradients from the per-sample MLP backward: sums over the batch as small
-// matrix products (a fixed order), cast to the weights' dtype.  l: (N, C) channel means,
-// hidden/grad_h: (N, H1), grad_z: (N,).  Returns (grad_w1, grad_b1, grad_w2, grad_b2).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focus_weight_grads(
-    const at::Tensor& l, const at::Tensor& hidden, const at::Tensor& grad_h, const at::Tensor& grad_z,
+// The MLP head's weight gradients from its per-sample backward: sums over the batch as small
+// matrix products (a fixed order), cast to the weights' dtype.  inputs: (N, C), hidden/grad_h:
+// (N, H1), grad_z: (N,).  Returns (grad_w1, grad_b1, grad_w2, grad_b2).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_weight_grads(
+    const at::Tensor& inputs, const at::Tensor& hidden, const at::Tensor& grad_h, const at::Tensor& grad_z,
     at::ScalarType weight_dtype) {
-  return {grad_h.t().mm(l).to(weight_dtype), grad_h.sum(0).to(weight_dtype),
+  return {grad_h.t().mm(inputs).to(weight_dtype), grad_h.sum(0).to(weight_dtype),
           grad_z.unsqueeze(0).mm(hidden).to(weight_dtype), grad_z.sum(0, /*keepdim=*/true).to(weight_dtype)};
 }
 

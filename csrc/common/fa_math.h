@@ -6,7 +6,7 @@
 //
 // Both devices round alike.  No compiler contracts a * b + c into a fused multiply-add (the
 // CPU sources are built with -ffp-contract=off, the CUDA ones with --fmad=false); both fuse
-// exactly where this file asks (Lane::fmadd, fma_: one rounding on each device); division
+// exactly where this file asks (Primitives::fmadd, fma_: one rounding on each device); division
 // and square root are IEEE on both (nvcc's default -prec-div/-prec-sqrt=true, no
 // -use_fast_math); float16/bfloat16 round to nearest even on both.  So, given the same
 // inputs, every element-wise output (the gates' out, grad_x, grad_u; the BatchNorm gate's
@@ -14,9 +14,9 @@
 // on the CPU and the GPU, and the CPU tests exercise the arithmetic the GPU runs;
 // tests/test_cuda.py checks it on a GPU.  What differs, and by how much:
 //  - every sum (pools, grad_k, batch statistics and channel sums, weight gradients, the
-//    focus MLP's dot products) is added in another order on each device: those agree to
+//    MLP head's dot products) is added in another order on each device: those agree to
 //    rounding, not bit for bit, and so do the outputs computed from them;
-//  - exp_ in the focus MLP's sigmoid: CUDA's expf is within 2 ulp, glibc's within 0.502 ulp
+//  - exp_ in the MLP head's sigmoid: CUDA's expf is within 2 ulp, glibc's within 0.502 ulp
 //    (exp: 1 and 0.511), so given the same z, k' = 1 / (1 + exp(-z)) differs by at most
 //    7 ulp in float and 5 in double (those bounds through the rounded add and division);
 //  - NaN payloads: a NaN is NaN on both devices, its bits may differ;
@@ -94,9 +94,9 @@ FANET_HD double fma_(double a, double b, double c) { return fma(a, b, c); }
 
 // Comparison, selection and fused multiply-add, which SIMD vectors spell differently from
 // scalars: this primary template serves float/double (CPU scalars, CUDA registers);
-// csrc/cpu/fa_cpu.cpp specializes it for at::vec::Vectorized.
+// csrc/cpu/walks.h specializes it for at::vec::Vectorized.
 template <typename T>
-struct Lane {
+struct Primitives {
   // v where r > 0 or r is NaN, else 0: torch's threshold(r, 0, 0) rule, which relu and
   // its backward (threshold_backward) follow.
   static FANET_HD T unless_nonpositive(T r, T v) { return r <= T(0) ? T(0) : v; }
@@ -108,13 +108,13 @@ struct Lane {
 template <typename T>
 FANET_HD T residual_output(T x, T b) {
   const T r = b + x;
-  return Lane<T>::unless_nonpositive(r, r);
+  return Primitives<T>::unless_nonpositive(r, r);
 }
 
 // d out / d B: grad_u = g * k passes where B + X > 0.
 template <typename T>
 FANET_HD T residual_grad_branch(T g, T k, T x, T b) {
-  return Lane<T>::unless_nonpositive(b + x, gate_grad_u(g, k));
+  return Primitives<T>::unless_nonpositive(b + x, gate_grad_u(g, k));
 }
 
 // d out / d X: through the weighting (g - g*k) and through the identity shortcut (grad_b),
@@ -131,12 +131,12 @@ FANET_HD T residual_grad_x(T g, T k, T grad_b) {
 
 template <typename T>
 FANET_HD T norm_branch(T z, T alpha, T beta) {
-  return Lane<T>::fmadd(z, alpha, beta);
+  return Primitives<T>::fmadd(z, alpha, beta);
 }
 
 template <typename T>
 FANET_HD T norm_xhat(T z, T invstd, T shift) {
-  return Lane<T>::fmadd(z, invstd, shift);
+  return Primitives<T>::fmadd(z, invstd, shift);
 }
 
 // The batch statistics' shifted moments: d = z - K_c summed and squared into s1, s2 (the shift
@@ -144,14 +144,14 @@ FANET_HD T norm_xhat(T z, T invstd, T shift) {
 template <typename T>
 FANET_HD void add_moments(T d, T& s1, T& s2) {
   s1 = s1 + d;
-  s2 = Lane<T>::fmadd(d, d, s2);
+  s2 = Primitives<T>::fmadd(d, d, s2);
 }
 
 // The channel sums of BatchNorm's backward: grad_B and grad_B * xhat.
 template <typename T>
 FANET_HD void add_norm_grad_sums(T grad_b, T xhat, T& sum_g, T& sum_gx) {
   sum_g = sum_g + grad_b;
-  sum_gx = Lane<T>::fmadd(grad_b, xhat, sum_gx);
+  sum_gx = Primitives<T>::fmadd(grad_b, xhat, sum_gx);
 }
 
 // BatchNorm's input gradient from grad_B: grad_z = grad_B * scale + xhat * xhat_coef + constant
@@ -159,7 +159,7 @@ FANET_HD void add_norm_grad_sums(T grad_b, T xhat, T& sum_g, T& sum_gx) {
 // eval: both 0).
 template <typename T>
 FANET_HD T norm_input_grad(T grad_b, T z, T invstd, T shift, T scale, T xhat_coef, T constant) {
-  return Lane<T>::fmadd(grad_b, scale, Lane<T>::fmadd(norm_xhat(z, invstd, shift), xhat_coef, constant));
+  return Primitives<T>::fmadd(grad_b, scale, Primitives<T>::fmadd(norm_xhat(z, invstd, shift), xhat_coef, constant));
 }
 
 FANET_HD float sqrt_(float v) { return sqrtf(v); }
@@ -201,7 +201,8 @@ FANET_HD void norm_grad_column(const T* norm, int64_t C, int64_t c, double sum_g
   gt[kGradConst * C + c] = training ? T(-double(scale) * sum_g / M) : T(0);
 }
 
-// ---- focus MLP: k' = sigmoid(w2 . relu(w1 . l + b1) + b2) --------------------------
+// ---- MLP head: k = sigmoid(w2 . relu(w1 . inputs + b1) + b2) -------------------------
+// Focus's MLP on the channel means, and association's on the attention history.
 
 FANET_HD float exp_(float v) { return expf(v); }
 FANET_HD double exp_(double v) { return exp(v); }
@@ -213,12 +214,12 @@ FANET_HD T sigmoid(T z) {
 
 template <typename T>
 FANET_HD T relu(T v) {
-  return Lane<T>::unless_nonpositive(v, v);  // NaN passes, as in torch.relu
+  return Primitives<T>::unless_nonpositive(v, v);  // NaN passes, as in torch.relu
 }
 
-// Hidden unit j from its pre-activation dot product w1[j, :] . l.
+// Hidden unit j from its pre-activation dot product w1[j, :] . inputs.
 template <typename T>
-FANET_HD T focus_hidden(T dot, T b1) {
+FANET_HD T mlp_hidden(T dot, T b1) {
   return relu(dot + b1);
 }
 
@@ -231,33 +232,33 @@ FANET_HD T sigmoid_grad(T k, T grad_k) {
 // Gradient reaching hidden unit j's pre-activation: relu passes it where h > 0 or h is NaN
 // (threshold_backward's rule).
 template <typename T>
-FANET_HD T focus_hidden_grad(T grad_z, T w2, T h) {
-  return Lane<T>::unless_nonpositive(h, grad_z * w2);
+FANET_HD T mlp_hidden_grad(T grad_z, T w2, T h) {
+  return Primitives<T>::unless_nonpositive(h, grad_z * w2);
 }
 
-// The focus MLP of one sample after its dot products, built from the pieces above.  The
-// dot products w1 . l are a matrix product over all samples (BLAS on the CPU); the CUDA
+// The MLP head of one sample after its dot products, built from the pieces above.  The
+// dot products w1 . inputs are a matrix product over all samples (BLAS on the CPU); the CUDA
 // kernels spread the same pieces over a thread block per sample instead.  On entry hidden
-// (H1 entries) holds w1 . l, on exit relu(w1 . l + b1).  Returns k'.
+// (H1 entries) holds w1 . inputs, on exit relu(w1 . inputs + b1).  Returns k.
 template <typename T, typename W>
-FANET_HD T focus_mlp_head(T* hidden, const W* b1, int64_t H1, const W* w2, const W* b2) {
+FANET_HD T mlp_head(T* hidden, const W* b1, int64_t H1, const W* w2, const W* b2) {
   T z = T(0);
   for (int64_t j = 0; j < H1; ++j) {
-    const T h = focus_hidden(hidden[j], T(b1[j]));
+    const T h = mlp_hidden(hidden[j], T(b1[j]));
     hidden[j] = h;
     z += T(w2[j]) * h;
   }
   return sigmoid(T(b2[0]) + z);
 }
 
-// Backward of focus_mlp_head for one sample, given k' and the hidden activations it
+// Backward of mlp_head for one sample, given k' and the hidden activations it
 // produced: writes grad_hidden (H1: the gradient of each pre-activation, i.e. of b1) and
-// returns the gradient of z (i.e. of b2).  grad_l = grad_hidden . w1 and the weight
+// returns the gradient of z (i.e. of b2).  grad_inputs = grad_hidden . w1 and the weight
 // gradients are matrix products over the samples, taken by the caller.
 template <typename T, typename W>
-FANET_HD T focus_mlp_head_backward(T grad_k, T k, const T* hidden, const W* w2, int64_t H1, T* grad_hidden) {
+FANET_HD T mlp_head_backward(T grad_k, T k, const T* hidden, const W* w2, int64_t H1, T* grad_hidden) {
   const T grad_z = sigmoid_grad(k, grad_k);
-  for (int64_t j = 0; j < H1; ++j) grad_hidden[j] = focus_hidden_grad(grad_z, T(w2[j]), hidden[j]);
+  for (int64_t j = 0; j < H1; ++j) grad_hidden[j] = mlp_hidden_grad(grad_z, T(w2[j]), hidden[j]);
   return grad_z;
 }
 

@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
+#include "cpu/capability.h"
+
 #include <cstdio>
 #include <string>
 #include <tuple>
@@ -64,12 +66,13 @@ void check_layout(at::ScalarType dtype, bool channels_last, double tol) {
                "gate_pool_backward grad_k " + tag);
 
   // Focus: sigmoid(w2 relu(w1 mean(x) + b1) + b2).
-  auto focus = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&)>("fanet::focus");
+  auto focus =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+          "fanet::focus");
   const auto w1 = at::randn({9, 37}) * 0.2, b1 = at::randn({9}) * 0.1, w2 = at::randn({1, 9}) * 0.3,
              b2 = at::randn({1});
-  const auto l = x.to(at::kDouble).mean({2, 3});
-  const auto h = at::relu(at::linear(l, w1.to(at::kDouble), b1.to(at::kDouble)));
+  const auto pool = x.to(at::kDouble).mean({2, 3});
+  const auto h = at::relu(at::linear(pool, w1.to(at::kDouble), b1.to(at::kDouble)));
   const auto kf = at::sigmoid(at::linear(h, w2.to(at::kDouble), b2.to(at::kDouble))).squeeze(1);
   expect_close(focus.call(x, w1, b1, w2, b2), kf, tol, "focus " + tag);
 }
@@ -77,11 +80,11 @@ void check_layout(at::ScalarType dtype, bool channels_last, double tol) {
 // Autograd (csrc/autograd.cpp): the gradients that reach the inputs are those of the backward op,
 // also when an output goes unused (its gradient then reaches the backward op as None).
 void check_autograd() {
-  using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  using GateGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (grad_x, grad_u, grad_k)
   auto gate_pool = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
       "fanet::gate_pool");
-  auto backward = op<Triple(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&)>("fanet::gate_pool_backward");
+  auto backward = op<GateGrads(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&)>("fanet::gate_pool_backward");
   const auto x = at::randn({2, 5, 3, 4}), u = at::randn({2, 5, 3, 4}), k = at::rand({2});
   const auto go = at::randn(x.sizes()), gp = at::randn({2, 5});
   for (const bool use_pooled : {true, false}) {
@@ -115,6 +118,8 @@ void check_bad_input_is_an_error() {
 
 int main() {
   at::manual_seed(0);
+  // The kernels run at the best SIMD level of this CPU, or FANET_CPU_CAPABILITY's (ctest runs both).
+  std::printf("CPU kernels: SIMD level %s\n", fanet::cpu::capability().c_str());
   for (bool cl : {false, true}) {
     check_layout(at::kFloat, cl, 1e-5);
     check_layout(at::kDouble, cl, 1e-12);

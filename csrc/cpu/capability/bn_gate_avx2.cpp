@@ -1,0 +1,3 @@
+// kernels/bn_gate.inc at the AVX2 SIMD level: setup.py and CMakeLists.txt give this file that level's
+// flags, and CPU_CAPABILITY=AVX2, from its name.
+#include "../kernels/bn_gate.inc"

@@ -1,0 +1,50 @@
+// The CPU backend: its kernels (ops.h) as the drivers' DeviceKernels, registered for every op.
+#include <torch/library.h>
+
+#include "../common/op_drivers.h"
+#include "ops.h"
+
+namespace fanet::cpu {
+namespace {
+
+using at::Tensor;
+
+struct Cpu {
+  static int guard(const Tensor&) { return 0; }  // one device: nothing to guard
+  static Tensor gate(const Tensor& x, const Tensor& u, const Tensor& k) { return cpu::gate(x, u, k); }
+  static GatePoolResult gate_pool(const GateInputs& in, const Tensor& norm = Tensor()) {
+    return cpu::gate_pool(in, norm);
+  }
+  static GateGrads gate_backward(const GateBackwardInputs& b, const Tensor& k) { return cpu::gate_backward(b, k); }
+  static Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) { return cpu::pool_acc(x, fmt); }
+  static void mlp(const Tensor& inputs, const MlpWeights& w, const Tensor& hidden, const Tensor& k,
+                  const Tensor& grad_k, const Tensor& grad_z, const Tensor& grad_h, const Tensor& grad_inputs) {
+    cpu::mlp(inputs, w, hidden, k, grad_k, grad_z, grad_h, grad_inputs);
+  }
+  static void broadcast_pool_grad(const Tensor& grad_pool, const Tensor& gx, at::MemoryFormat fmt) {
+    cpu::broadcast_pool_grad(grad_pool, gx, fmt);
+  }
+  static void batch_stats(const Tensor& z, const Tensor& shift, at::MemoryFormat fmt, const Tensor& mean,
+                          const Tensor& var, const Tensor& z_mean) {
+    cpu::batch_stats(z, shift, fmt, mean, var, z_mean);
+  }
+  static void norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
+                         const Tensor& t) {
+    cpu::norm_table(mean, var, weight, bias, eps, t);
+  }
+  static BnGateGrads bn_gate_backward(const GateBackwardInputs& b, const Tensor& k, const Tensor& norm, bool training) {
+    return cpu::bn_gate_backward(b, k, norm, training);
+  }
+  static BnGateSums bn_gate_sums(const GateBackwardInputs& b, const Tensor& k, const Tensor& table) {
+    return cpu::bn_gate_sums(b, k, table);
+  }
+  static void norm_grad(const Tensor& gz, const Tensor& z, const Tensor& t, at::MemoryFormat fmt) {
+    cpu::norm_grad(gz, z, t, fmt);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fanet, CPU, m) { register_ops<Cpu>(m); }
+
+}  // namespace fanet::cpu
