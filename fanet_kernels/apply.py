@@ -10,8 +10,9 @@ stage, so the model's own forward (which calls layer1 .. layerN in a row) is unc
 ``torch.compile(fullgraph=True)``-able.
 
 torchvision's ``BasicBlock`` and ``Bottleneck`` become :class:`~fanet_kernels.modules.ResidualBlock`
-subclasses of themselves (same modules, keys and results; ``isinstance`` still holds), so the FA
-chains fold their add and ReLU into the gate (``fanet::residual_gate_pool``).
+subclasses of themselves (:mod:`fanet_kernels.torchvision_blocks`; same modules, keys and results,
+``isinstance`` still holds), so the FA chains fold their add and ReLU into the gate
+(``fanet::residual_gate_pool``).
 
 Weights: every original state_dict key keeps its name, so ``model.load_state_dict(original,
 strict=False)`` loads all pretrained weights and reports as ``missing_keys`` exactly the new
@@ -22,18 +23,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
-from .modules import FAStage, ResidualBlock, SEBlock, out_channels
-
-
-class BatchNorm2dSE(nn.BatchNorm2d):
-    """A BatchNorm2d followed by an SE block (``.se``): how SE enters a residual branch (after its
-    last BN, before the add) without renaming the BN's state_dict keys."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.se(super().forward(x))
+from .blocks import BatchNorm2dSE, ResidualBlock, SEBlock, foldable_tail
+from .modules import FAGate, FAStage, out_channels
 
 
 def _add_se(block: nn.Module, r: int) -> None:
@@ -48,51 +41,38 @@ def _add_se(block: nn.Module, r: int) -> None:
         raise TypeError(f"apply_fa(se=True): {type(block).__name__}.{name}, the norm that ends its residual branch, is "
                         f"a {type(bn).__name__}, not an nn.BatchNorm2d (SE goes after that BatchNorm2d): use se=False")
     bn.__class__ = BatchNorm2dSE  # same parameters and buffers, same keys
-    bn.se = SEBlock(bn.num_features, r).to(device=bn.weight.device, dtype=bn.weight.dtype)
+    bn.se = SEBlock(bn.num_features, r, device=bn.weight.device, dtype=bn.weight.dtype)
 
 
-# torchvision's blocks, up to their last BatchNorm (torchvision/models/resnet.py): the branch is that
-# BatchNorm of this (with se=True a BatchNorm2dSE, which the chains do not fold into the gate).
-def _basic_pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-    return self.conv2(self.relu(self.bn1(self.conv1(x))))
+def _make_residual(block: nn.Module) -> bool:
+    """torchvision's and timm's BasicBlock and Bottleneck become their ResidualBlock subclasses (same
+    parameters and buffers, same keys): the chains then fold their add, ReLU, last BatchNorm and SE
+    into the gate, and their own forward runs a BatchNorm -> SE tail as one op.  True if converted."""
+    module = type(block).__module__
+    if module == "torchvision.models.resnet":
+        from .torchvision_blocks import RESIDUAL_CLASSES as TV  # imports torchvision: only for its models
+        cls = TV.get(type(block))
+    elif module == "timm.models.resnet":
+        from . import timm_blocks  # imports timm: only for its models
+        cls = timm_blocks.RESIDUAL_CLASSES[type(block)][0] if timm_blocks.converts(block) else None
+    else:
+        cls = None
+    if cls is not None:
+        block.__class__ = cls
+    return cls is not None
 
 
-def _bottleneck_pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    return self.conv3(out)
-
-
-_BRANCHES = {"BasicBlock": (_basic_pre_norm, "bn2"), "Bottleneck": (_bottleneck_pre_norm, "bn3")}
-_RESIDUAL: dict[str, type] = {}  # "Torchvision<Block>" -> the ResidualBlock subclass of torchvision's <Block>
-
-
-def _residual_class(block_name: str) -> type:
-    """``Torchvision<block_name>``: torchvision's block as a ResidualBlock (branch + its
-    ``downsample`` as the shortcut).  Made on first use, so importing fanet_kernels does not
-    import torchvision; found by name through the module ``__getattr__`` (pickle)."""
-    name = "Torchvision" + block_name
-    if name not in _RESIDUAL:
-        from torchvision.models import resnet as tv
-
-        _RESIDUAL[name] = type(name, (ResidualBlock, getattr(tv, block_name)), {
-            "__module__": __name__, "__doc__": f"torchvision's {block_name} as a ResidualBlock.",
-            "pre_norm": _BRANCHES[block_name][0], "branch_norm": lambda self: getattr(self, _BRANCHES[block_name][1]),
-            "branch": lambda self, x: self.branch_norm()(self.pre_norm(x)), "forward": ResidualBlock.forward,
-            "shortcut": property(lambda self: self.downsample)})
-    return _RESIDUAL[name]
-
-
-def __getattr__(name: str):
-    if name.startswith("Torchvision") and name[len("Torchvision"):] in _BRANCHES:
-        return _residual_class(name[len("Torchvision"):])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _make_residual(block: nn.Module) -> None:
-    cls = type(block)
-    if cls.__module__ == "torchvision.models.resnet" and cls.__name__ in _BRANCHES:
-        block.__class__ = _residual_class(cls.__name__)  # same parameters and buffers, same keys
+def fuse_tails(model: nn.Module) -> list[str]:
+    """Makes the residual blocks of ``model`` run their tail as fused ops, in place, weights kept: each
+    torchvision or timm ResNet-family block becomes a ResidualBlock (see _make_residual), so that a
+    branch that ends BatchNorm -> SE (timm's SE-ResNet/ResNeXt ``SEModule``, apply_fa's ``se=True``, the
+    zoo's SE blocks) runs with its add and ReLU as one op (``ops.bn_se_residual``; in FA chains
+    ``ops.bn_se_residual_gate_pool``).  Returns the names of the blocks whose tail is now fused."""
+    for m in model.modules():
+        _make_residual(m)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, ResidualBlock) and m.fuse_tail and (tail := foldable_tail(m)) is not None
+            and tail.se is not None]
 
 
 def _stage_names(model: nn.Module) -> list[str]:
@@ -121,18 +101,14 @@ def apply_fa(model: nn.Module, se: bool = False, r1: int = 4, r2: int = 4, se_re
                 _add_se(block, se_reduction)
             _make_residual(block)
         stage = FAStage(layer, index=s, channels=[out_channels(b) for b in list(layer)[:-1]],
-                        stage_channels=out_channels(layer[-1]), proj="auto" if s else None,
-                        last=s == len(names) - 1, r1=r1, r2=r2, backend=backend)
-        for m in (stage.fa, getattr(stage, "stage_fa", None)):
-            if m is not None:
-                m.to(device=ref.device, dtype=ref.dtype)
+                        stage_channels=out_channels(layer[-1]), projection="auto" if s else None,
+                        last=s == len(names) - 1, r1=r1, r2=r2, backend=backend, device=ref.device, dtype=ref.dtype)
         setattr(model, name, stage)
     return model
 
 
 def added_parameters(model: nn.Module) -> int:
     """Parameters of the FA gates and of the SE blocks apply_fa added."""
-    from .modules import FAGate
     mods = [m for m in model.modules() if isinstance(m, FAGate)]
     mods += [m.se for m in model.modules() if isinstance(m, BatchNorm2dSE)]
     return sum(p.numel() for m in mods for p in m.parameters())

@@ -51,8 +51,12 @@ class Backend:
     residual_gate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     mlp: Callable[..., torch.Tensor]  # the MLP head of focus and association on (N, C) inputs
     # residual_gate_pool with the branch's last BatchNorm folded in, F.batch_norm's arguments after
-    # k; None (reference): ops.bn_residual_gate_pool composes F.batch_norm and residual_gate_pool.
+    # k; None: ops.bn_residual_gate_pool composes F.batch_norm and residual_gate_pool.
     bn_residual_gate_pool: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
+    # a branch that ends BatchNorm -> SE (SE weights after the BatchNorm's affine ones), with the gate and
+    # without (k = 1, no pool); None: ops composes the reference's eager tail.
+    bn_se_residual_gate_pool: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
+    bn_se_residual: Optional[Callable[..., torch.Tensor]] = None
     # True when the ops check their arguments themselves (the C++ ops, with the messages of
     # _validate): the Python-side checks are then skipped, saving ~8 us per call.
     checks_args: bool = False
@@ -68,16 +72,29 @@ class Backend:
         return None if self.device_check is None else self.device_check(device)
 
 
-# name -> module that defines BACKEND (imported on first use, so `import fanet_kernels` stays
-# light and a backend whose toolchain is missing only fails when it is asked for).
-_MODULES = {
+# Where each backend is defined: imported on first use, so that `import fanet_kernels` stays light and
+# a backend whose toolchain is missing only fails when it is asked for.  Importing the module registers
+# the backend (register) or why it cannot run here (register_unavailable).
+PROVIDERS = {
     "reference": "fanet_kernels.reference",
-    "cpu": "fanet_kernels.ops",
-    "cuda": "fanet_kernels.ops",
+    "cpu": "fanet_kernels.native",
+    "cuda": "fanet_kernels.native",
     "triton": "fanet_kernels.triton",
 }
-_loaded: dict[str, Optional[Backend]] = {}
+_registered: dict[str, Backend] = {}
 _errors: dict[str, str] = {}
+
+
+def register(backend: Backend) -> None:
+    """Makes ``backend`` the implementation of its name (called by the module that defines it)."""
+    check_name(backend.name, "backend.name")
+    _registered[backend.name] = backend
+    _errors.pop(backend.name, None)
+
+
+def register_unavailable(name: str, reason: str) -> None:
+    """Records why backend ``name`` cannot run here (called by its module, e.g. extension not built)."""
+    _errors[name] = reason
 
 
 def _read_env() -> str:
@@ -94,7 +111,8 @@ _active: str = _read_env()
 _thread = threading.local()
 
 
-def _check_name(name: str, what: str = "backend") -> str:
+def check_name(name: str, what: str = "backend") -> str:
+    """``name`` normalized, if it is a backend name or ``auto``; else ValueError naming argument ``what``."""
     if not isinstance(name, str) or name.strip().lower() not in NAMES:
         raise ValueError(f"fanet: argument '{what}' must be one of {', '.join(NAMES)}, got {name!r}")
     return name.strip().lower()
@@ -103,17 +121,14 @@ def _check_name(name: str, what: str = "backend") -> str:
 def load(name: str) -> Optional[Backend]:
     """The Backend called ``name``, or None if it cannot run here (the reason is in
     :func:`unavailable_reason`)."""
-    if name not in _loaded:
+    if name not in _registered and name not in _errors:
         try:
-            module = importlib.import_module(_MODULES[name])
-            backend = getattr(module, "BACKENDS", {}).get(name) or getattr(module, "BACKEND", None)
-            if backend is None:
-                raise ImportError(_errors.get(name) or f"{_MODULES[name]} defines no backend {name!r}")
-            _loaded[name] = backend
+            importlib.import_module(PROVIDERS[name])
+            if name not in _registered and name not in _errors:
+                raise ImportError(f"{PROVIDERS[name]} registers no backend {name!r}")
         except Exception as exc:  # a missing toolchain must not break the other backends
             _errors.setdefault(name, f"{type(exc).__name__}: {exc}")
-            _loaded[name] = None
-    return _loaded[name]
+    return _registered.get(name)
 
 
 def preload() -> None:
@@ -125,11 +140,6 @@ def preload() -> None:
         load(name)
     if torch.cuda.is_available():
         load("triton")
-
-
-def mark_unavailable(name: str, reason: str) -> None:
-    """Called by a backend module that imported but cannot run (e.g. extension not built)."""
-    _errors[name] = reason
 
 
 def unavailable_reason(name: str) -> Optional[str]:
@@ -145,7 +155,7 @@ def set_backend(name: str) -> None:
 
 def _settable(name: str) -> str:
     """``name`` normalized, if it is ``auto`` or a backend that can run here."""
-    name = _check_name(name, "name")
+    name = check_name(name, "name")
     if name != "auto" and load(name) is None:
         raise RuntimeError(f"fanet: backend {name!r} is not available: {unavailable_reason(name)}")
     return name
@@ -190,7 +200,7 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     """The Backend for a call: ``name`` (or the global setting) for tensors on ``device``.  During
     ``torch.onnx.export`` (either exporter) every name resolves to ``reference``: the fused ops have no
     ONNX translation, and the reference's plain ATen ops (the spec, same results) export as they are."""
-    name = _current() if name is None else _check_name(name)
+    name = _current() if name is None else check_name(name)
     if _in_onnx_export():
         return load("reference")  # type: ignore[return-value]  (the reference always loads)
     dev = device.type
@@ -233,6 +243,20 @@ def _in_autograd_transform() -> bool:
     if torch.compiler.is_compiling() or peek_interpreter_stack() is None:
         return False
     return any(i.key() in _AUTOGRAD_TRANSFORMS for i in retrieve_all_functorch_interpreters())
+
+
+def update_running_stats(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, running_mean: Optional[torch.Tensor],
+                         running_var: Optional[torch.Tensor], training: bool, momentum: float) -> None:
+    """Updates the running stats from the batch statistics (mean, biased var) that a fused
+    bn_residual_gate_pool op returns, as F.batch_norm updates them (running_var with the unbiased
+    variance); nothing in eval mode.  For the backends whose op returns the statistics."""
+    if training:
+        n = z.numel() // z.shape[1]
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
 
 
 _warned_missing = False

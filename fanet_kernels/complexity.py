@@ -19,7 +19,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .modules import FAGate, SEBlock
+from .blocks import SEBlock
+from .modules import FAGate
 
 __all__ = ["count_params", "count_macs", "paper_figures", "complexity_rows", "table", "complexity_table", "print_table"]
 

@@ -9,12 +9,14 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import backends, ops
+from .blocks import (BatchNorm2dSE, DownsampleResidualBlock, ResidualBlock, SE_WEIGHTS, SEBlock, Tail, batch_norm_args,
+                     count_batch, foldable_tail, no_hooks)
 
-__all__ = ["FAOutput", "FAGate", "FASequential", "FAStage", "FAStages", "ResidualBlock", "SEBlock",
-           "collect_k", "out_channels"]
+__all__ = ["BatchNorm2dSE", "DownsampleResidualBlock", "FAOutput", "FAGate", "FASequential", "FAStage", "FAStages",
+           "NormResidual", "NormSEResidual", "Residual", "ResidualBlock", "SE_WEIGHTS", "SEBlock", "Tail", "collect_k",
+           "foldable_tail", "out_channels"]
 
 
 class _NotScriptable:
@@ -31,23 +33,50 @@ class FAOutput(NamedTuple):
     pooled: torch.Tensor         # (N, C) channel means of out: the focus input of the next gate
 
 
-class FAGate(_NotScriptable, nn.Module):
-    """Focus + association + weighting of the block at position ``index`` >= 1 of a chain.
+class Residual(NamedTuple):
+    """A block output the gate forms itself: ``relu(branch + x)`` (a residual block with an identity
+    shortcut), so the block's add and ReLU cost no pass of their own (ops.residual_gate_pool)."""
+    branch: torch.Tensor
 
-    ``forward(x, u, history=None, pooled_x=None, x_proj=None, residual=False)``: x = X_i (block
-    input), u = U_i (block output), history = [k_1 .. k_{i-1}].  If ``pooled_x`` (the ``pooled``
-    of the previous gate, i.e. the channel means of x) is given, x is not read again; else the
-    fused focus op pools it.  ``x_proj`` = P(x) is the start of the weighting when x and u differ
-    in shape (focus stays on x).  ``residual=True``: u is the residual branch B of a block whose
-    output is relu(B + x); the add and the ReLU then run inside the gate (ops.residual_gate_pool).
-    ``norm`` (with residual): u is the branch before its last BatchNorm ``norm``, which then runs
-    inside the gate too (ops.bn_residual_gate_pool), running stats and all.  An x and a u of
-    different dtypes (a block's output under autocast) are promoted as x + (u - x) * k would be.
-    Parameters: focus1 Linear(C, max(1, C // r1)), focus2 Linear(h1, 1) and, for index >= 2,
-    assoc1 Linear(index, r2 * index), assoc2 Linear(r2 * index, 1).
+
+class NormResidual(NamedTuple):
+    """``relu(norm(z) + x)``: a Residual whose branch ends in the BatchNorm ``norm``, run inside the gate
+    too, running stats and all (ops.bn_residual_gate_pool); ``z`` is the branch before it."""
+    z: torch.Tensor
+    norm: nn.BatchNorm2d
+
+
+class NormSEResidual(NamedTuple):
+    """``relu(se(norm(z)) + x)``: a NormResidual whose BatchNorm ``norm`` is followed by an SE block with
+    weights ``se`` = (w1 (R, C), b1, w2 (C, R), b2), all run inside the gate (ops.bn_se_residual_gate_pool)."""
+    z: torch.Tensor
+    norm: nn.BatchNorm2d
+    se: tuple[torch.Tensor, ...]
+
+
+class FAGate(_NotScriptable, nn.Module):
+    """Focus + association + weighting of the block at position ``index`` >= 1 of a chain (SPEC §1).
+
+    ``gate(x, u, history=None, pooled_x=None, projected=None)`` returns an :class:`FAOutput` with
+    out = x + (u - x) * k, where x = X_i is the block input, u = U_i the block output and history =
+    [k_1 .. k_{i-1}] the k of the blocks before.  ``u`` may also be a :class:`Residual` or a
+    :class:`NormResidual`, whose output the gate forms in its own pass.  ``pooled_x``: the channel
+    means of x (the ``pooled`` of the previous gate), so that focus does not read x again.
+    ``projected``: P(x), the start of the weighting where x and u differ in shape (focus stays on x).
+    An x and a u of different dtypes (a block's output under autocast) are promoted as
+    x + (u - x) * k would be.
+
+    Args:
+        channels: C of the block input x, the width of the focus MLP.
+        index: the block's position i >= 1 in its chain (block 0 is not gated).
+        r1: focus reduction: the focus MLP is Linear(C, max(1, C // r1)), ReLU, Linear(h1, 1).
+        r2: association expansion: for index >= 2, Linear(index, r2 * index), ReLU, Linear(r2 * index, 1).
+        backend: the backend of this gate's ops (None: the thread's or process's setting).
+        device, dtype: of the parameters, as for torch's layers.
     """
 
-    def __init__(self, channels: int, index: int, r1: int = 4, r2: int = 4, backend: Optional[str] = None) -> None:
+    def __init__(self, channels: int, index: int, r1: int = 4, r2: int = 4, backend: Optional[str] = None,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if not isinstance(index, int) or index < 1:
             raise ValueError(f"FAGate: argument 'index' must be an int >= 1 (block 0 is not gated), got {index!r}")
@@ -57,14 +86,15 @@ class FAGate(_NotScriptable, nn.Module):
             if not isinstance(r, int) or r < 1:
                 raise ValueError(f"FAGate: argument '{name}' must be an int >= 1, got {r!r}")
         if backend is not None:
-            backends._check_name(backend)  # a typo fails here; availability is checked at the first call
+            backends.check_name(backend)  # a typo fails here; availability is checked at the first call
         self.channels, self.index, self.backend = channels, index, backend
         h1 = max(1, channels // r1)
-        self.focus1 = nn.Linear(channels, h1)
-        self.focus2 = nn.Linear(h1, 1)
+        factory = {"device": device, "dtype": dtype}
+        self.focus1 = nn.Linear(channels, h1, **factory)
+        self.focus2 = nn.Linear(h1, 1, **factory)
         if index >= 2:
-            self.assoc1 = nn.Linear(index, r2 * index)
-            self.assoc2 = nn.Linear(r2 * index, 1)
+            self.assoc1 = nn.Linear(index, r2 * index, **factory)
+            self.assoc2 = nn.Linear(r2 * index, 1, **factory)
 
     def params(self) -> dict[str, torch.Tensor]:
         """The weights under the names reference.fa_weight expects."""
@@ -73,21 +103,27 @@ class FAGate(_NotScriptable, nn.Module):
             p.update(w3=self.assoc1.weight, b3=self.assoc1.bias, w4=self.assoc2.weight, b4=self.assoc2.bias)
         return p
 
-    def forward(self, x: torch.Tensor, u: torch.Tensor, history: Optional[Sequence[torch.Tensor]] = None,
-                pooled_x: Optional[torch.Tensor] = None, x_proj: Optional[torch.Tensor] = None,
-                residual: bool = False, norm: Optional[nn.BatchNorm2d] = None) -> FAOutput:
+    def forward(self, x: torch.Tensor, u: Union[torch.Tensor, Residual, NormResidual],
+                history: Optional[Sequence[torch.Tensor]] = None, pooled_x: Optional[torch.Tensor] = None,
+                projected: Optional[torch.Tensor] = None) -> FAOutput:
         hist = list(history) if history is not None else []
-        if residual and x_proj is not None:
-            raise ValueError(f"FAGate(index={self.index}): arguments 'residual' and 'x_proj' exclude each other "
-                             "(a residual branch is added to x itself)")
         if len(hist) != self.index - 1:
             raise ValueError(f"FAGate(index={self.index}): argument 'history' must hold k_1 .. k_{self.index - 1} "
                              f"({self.index - 1} tensors), got {len(hist)}")
-        if norm is not None and not residual:
-            raise ValueError(f"FAGate(index={self.index}): argument 'norm' needs residual=True")
+        if isinstance(u, (Residual, NormResidual, NormSEResidual)) and projected is not None:
+            raise ValueError(f"FAGate(index={self.index}): a Residual 'u' and 'projected' exclude each other "
+                             "(a residual branch is added to x itself)")
+        if isinstance(u, NormSEResidual):
+            kind, second, bn = "norm_se_residual", u.z, (batch_norm_args(u.norm), u.se)
+        elif isinstance(u, NormResidual):
+            kind, second, bn = "norm_residual", u.z, batch_norm_args(u.norm)
+        elif isinstance(u, Residual):
+            kind, second, bn = "residual", u.branch, None
+        else:
+            kind, second, bn = ("plain" if projected is None else "projected"), u, None
         # out comes last: torch.fx and create_feature_extractor take a module's last node as its output
-        k, pooled, out = _gate(self.index, self.channels, self.backend, x, u, hist, pooled_x, x_proj, residual,
-                               None if norm is None else batch_norm_args(norm), self.params())
+        k, pooled, out = _gate(kind, self.index, self.channels, self.backend, x, second, hist, pooled_x, projected,
+                               bn, self.params())
         return FAOutput(out, k, [*hist, k], pooled)
 
     def extra_repr(self) -> str:
@@ -95,11 +131,14 @@ class FAGate(_NotScriptable, nn.Module):
 
 
 @torch.fx.wrap
-def _gate(index: int, channels: int, backend: Optional[str], x: torch.Tensor, u: torch.Tensor,
-          hist: list[torch.Tensor], pooled_x: Optional[torch.Tensor], x_proj: Optional[torch.Tensor], residual: bool,
+def _gate(kind: str, index: int, channels: int, backend: Optional[str], x: torch.Tensor, u: torch.Tensor,
+          hist: list[torch.Tensor], pooled_x: Optional[torch.Tensor], projected: Optional[torch.Tensor],
           bn: Optional[tuple], w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FAGate's checks and fused ops: (k, pooled, out).  One function that torch.fx records as one call
-    (torch.fx.wrap), since its checks branch on shapes and dtypes, which FX cannot trace."""
+    """FAGate's checks and fused ops: (k, pooled, out).  ``kind``: plain, projected, residual (u is the
+    branch), norm_residual (u is z, bn the BatchNorm's batch_norm_args) or norm_se_residual (bn: those and
+    the SE weights).  One function that torch.fx
+    records as one call (torch.fx.wrap), since its checks branch on shapes and dtypes, which FX cannot
+    trace."""
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f"FAGate(index={index}): argument 'x' must be (N, {channels}, H, W) "
                          f"(the gate was built for channels={channels}), got {list(x.shape)}")
@@ -112,15 +151,15 @@ def _gate(index: int, channels: int, backend: Optional[str], x: torch.Tensor, u:
                              f"({x.shape[0]},) tensors, got {list(h.shape)} at position {j}")
     # A block may return another dtype than its input (under autocast a BatchNorm block returns
     # float32, a conv block bfloat16): promote both, as x + (u - x) * k would.
-    if x_proj is None and u.dtype != x.dtype:
+    if projected is None and u.dtype != x.dtype:
         dt = torch.promote_types(x.dtype, u.dtype)
         x, u = x.to(dt), u.to(dt)
-    elif x_proj is not None and u.dtype != x_proj.dtype:
-        dt = torch.promote_types(x_proj.dtype, u.dtype)
-        x_proj, u = x_proj.to(dt), u.to(dt)
-    if x_proj is None and not residual and u.shape != x.shape:
+    elif projected is not None and u.dtype != projected.dtype:
+        dt = torch.promote_types(projected.dtype, u.dtype)
+        projected, u = projected.to(dt), u.to(dt)
+    if kind == "plain" and u.shape != x.shape:
         raise ValueError(f"FAGate(index={index}): block {index}'s output 'u' {list(u.shape)} differs "
-                         f"from its input 'x' {list(x.shape)}: give the gate 'x_proj' (FASequential: "
+                         f"from its input 'x' {list(x.shape)}: give the gate 'projected' (FASequential: "
                          "'projections')")
     if pooled_x is None:
         k = ops.focus(x, w["w1"], w["b1"], w["w2"], w["b2"], backend=backend)
@@ -128,12 +167,16 @@ def _gate(index: int, channels: int, backend: Optional[str], x: torch.Tensor, u:
         k = ops.mlp(pooled_x, w["w1"], w["b1"], w["w2"], w["b2"], backend=backend)
     if index >= 2:  # association (reference.associate), as one op
         k = ops.mlp(torch.stack([*hist, k], dim=1), w["w3"], w["b3"], w["w4"], w["b4"], backend=backend)
-    if bn is not None:
-        out, pooled = ops.bn_residual_gate_pool(x, u, k, *_count_batch(bn), backend=backend)
-    elif residual:
+    if kind == "norm_se_residual":
+        weight, bias, mean, var, training, factor, eps = count_batch(bn[0])
+        out, pooled = ops.bn_se_residual_gate_pool(x, u, k, weight, bias, *bn[1], mean, var, training, factor, eps,
+                                                   backend=backend)
+    elif kind == "norm_residual":
+        out, pooled = ops.bn_residual_gate_pool(x, u, k, *count_batch(bn), backend=backend)
+    elif kind == "residual":
         out, pooled = ops.residual_gate_pool(x, u, k, backend=backend)
     else:
-        out, pooled = ops.gate_pool(x if x_proj is None else x_proj, u, k, backend=backend)
+        out, pooled = ops.gate_pool(x if projected is None else projected, u, k, backend=backend)
     return k, pooled, out
 
 
@@ -158,68 +201,8 @@ def out_channels(module: nn.Module) -> int:
     return found
 
 
-class ResidualBlock(nn.Module):
-    """A residual block ``relu(branch(x) + shortcut(x))`` (``shortcut`` None: the identity) whose
-    add and ReLU an FA chain folds into its gate when the shortcut is the identity: the chain
-    calls ``branch`` and ``ops.residual_gate_pool`` instead of ``forward``, which saves a pass over
-    memory each way.  Subclasses define ``branch`` and set ``self.shortcut``.  A block with forward
-    hooks is run through ``forward`` so that its hooks see its output.
-
-    A branch that ends in a BatchNorm2d, ``branch(x) == branch_norm()(pre_norm(x))``, can say so by
-    defining both: the chain then calls ``pre_norm`` and ``ops.bn_residual_gate_pool``, which runs
-    that BatchNorm inside the gate as well (a plain affine nn.BatchNorm2d without hooks only)."""
-
-    shortcut: Optional[nn.Module]
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def branch_norm(self) -> Optional[nn.BatchNorm2d]:
-        """The BatchNorm2d that ends the branch, or None (the default: the branch does not say)."""
-        return None
-
-    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch up to, not including, ``branch_norm()``."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch(x) + (x if self.shortcut is None else self.shortcut(x)))
-
-
 def _fusable(block: nn.Module) -> bool:
-    return (isinstance(block, ResidualBlock) and block.shortcut is None
-            and not (block._forward_hooks or block._forward_pre_hooks))
-
-
-def _foldable_norm(block: ResidualBlock) -> Optional[nn.BatchNorm2d]:
-    """The block's last BatchNorm if the gate can run it: exactly nn.BatchNorm2d (no subclass that
-    changes forward), affine, no hooks."""
-    bn = block.branch_norm()
-    if type(bn) is nn.BatchNorm2d and bn.affine and not (bn._forward_hooks or bn._forward_pre_hooks):
-        return bn
-    return None
-
-
-def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
-    """(weight, bias, running_mean, running_var, training, momentum, eps, counter): what ``bn.forward``
-    passes to F.batch_norm, with ``counter`` = the ``num_batches_tracked`` that this call counts
-    (None if none), which ``_count_batch`` advances when the call runs (torch/nn/modules/batchnorm.py)."""
-    counted = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
-    training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    return (bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None, training,
-            bn.momentum, bn.eps, bn.num_batches_tracked if counted else None)
-
-
-def _count_batch(bn: tuple) -> tuple:
-    """batch_norm_args' tuple as F.batch_norm's arguments (..., training, factor, eps), counting the
-    batch.  Run inside ``_gate``, so that a torch.fx graph keeps the count with the op."""
-    weight, bias, mean, var, training, momentum, eps, counter = bn
-    factor = 0.0 if momentum is None else momentum
-    if counter is not None:
-        counter.add_(1)
-        factor = 1.0 / float(counter) if momentum is None else momentum
-    return weight, bias, mean, var, training, factor, eps
+    return isinstance(block, ResidualBlock) and block.shortcut is None and no_hooks(block)
 
 
 def _seq(blocks) -> list[nn.Module]:
@@ -230,18 +213,29 @@ def _seq(blocks) -> list[nn.Module]:
 
 
 class FASequential(_NotScriptable, nn.Module):
-    """An FA chain over ``blocks`` (an nn.Sequential or a list): block 0 ungated, block i >= 1
-    weighted by gate ``fa[i-1]``.  Blocks keep their names "0", "1", ... so a state_dict of the
-    plain nn.Sequential loads (the new ``fa.*`` keys are then missing).  ``channels``: int, one
-    int per gated block, or None (read off block i-1).  ``projections``: optional list (one per
-    block, None where shapes match) of modules P used as ``x_proj`` (VGG).  After a forward,
-    ``last_k`` holds the detached (N,) k of blocks 1 .. n-1 (under torch.compile too).
+    """An FA chain over ``blocks`` (SPEC §1): block 0 ungated, block i >= 1 weighted by gate
+    ``fa[i-1]``.  Blocks keep their names "0", "1", ... so a state_dict of the plain nn.Sequential
+    loads (the new ``fa.*`` keys are then missing).  After a forward, ``last_k`` holds the detached
+    (N,) k of blocks 1 .. n-1 (under torch.compile too).  A :class:`ResidualBlock` with an identity
+    shortcut runs as its branch, its add and ReLU inside the gate (``Residual``/``NormResidual``).
+
+    Args:
+        blocks: an nn.Sequential or a list of modules, run in a row.
+        channels: the input width of each gated block: one int for all, one int per gated block, or
+            None (read off the block before it, see :func:`out_channels`).
+        r1, r2, backend: of the gates (see :class:`FAGate`).
+        projections: one entry per block, None where the block keeps the shape of its input, else the
+            module P whose output P(x) starts the weighting (VGG).
+        gated: False: no gates (a plain chain of the blocks, for a stage gated only at stage level).
+        fuse_residual: False: residual blocks run their own forward (for comparisons).
+        device, dtype: of the gates' parameters.
     """
 
     def __init__(self, blocks: Union[nn.Sequential, Sequence[nn.Module]],
                  channels: Union[int, Sequence[int], None] = None, r1: int = 4, r2: int = 4,
                  backend: Optional[str] = None, projections: Optional[Sequence[Optional[nn.Module]]] = None,
-                 gated: bool = True, fuse_residual: bool = True) -> None:
+                 gated: bool = True, fuse_residual: bool = True, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.fuse_residual = fuse_residual
         blocks = _seq(blocks)
@@ -255,11 +249,12 @@ class FASequential(_NotScriptable, nn.Module):
             chans = list(channels)
             if len(chans) != n - 1:
                 raise ValueError(f"argument 'channels' must hold one int per gated block ({n - 1}), got {len(chans)}")
-        self.fa = nn.ModuleList([FAGate(c, i, r1, r2, backend) for i, c in enumerate(chans, 1)] if gated else [])
+        self.fa = nn.ModuleList([FAGate(c, i, r1, r2, backend, device, dtype) for i, c in enumerate(chans, 1)]
+                                if gated else [])
         if projections is not None:
             if len(projections) != n:
                 raise ValueError(f"argument 'projections' must hold one entry per block ({n}), got {len(projections)}")
-            self.proj = nn.ModuleDict({str(i): p for i, p in enumerate(projections) if p is not None})
+            self.projections = nn.ModuleDict({str(i): p for i, p in enumerate(projections) if p is not None})
         self.last_k: list[torch.Tensor] = []
 
     def __len__(self) -> int:
@@ -277,22 +272,27 @@ class FASequential(_NotScriptable, nn.Module):
         x = self[0](x)
         hist: list[torch.Tensor] = []
         pooled = None
-        proj = self._modules.get("proj")
+        projections = self._modules.get("projections")
         for i in range(1, self._n):
             block = self[i]
             if not len(self.fa):
                 x = block(x)
                 continue
-            if proj is None or str(i) not in proj:
+            if projections is None or str(i) not in projections:
                 if self.fuse_residual and _fusable(block):
-                    norm = _foldable_norm(block)
-                    u = block.branch(x) if norm is None else block.pre_norm(x)
-                    x, _, hist, pooled = self.fa[i - 1](x, u, hist, pooled_x=pooled, residual=True, norm=norm)
+                    tail = foldable_tail(block)
+                    if tail is None:
+                        u = Residual(block.branch(x))
+                    elif tail.se is None:
+                        u = NormResidual(block.pre_norm(x), tail.norm)
+                    else:
+                        u = NormSEResidual(block.pre_norm(x), tail.norm, tail.se)
+                    x, _, hist, pooled = self.fa[i - 1](x, u, hist, pooled_x=pooled)
                     continue
                 xp = None
             else:
-                xp = proj[str(i)](x)
-            x, _, hist, pooled = self.fa[i - 1](x, block(x), hist, pooled_x=pooled, x_proj=xp)
+                xp = projections[str(i)](x)
+            x, _, hist, pooled = self.fa[i - 1](x, block(x), hist, pooled_x=pooled, projected=xp)
         if not _tracing():  # under torch.compile too: Dynamo replays the assignment
             self.last_k = [k.detach() for k in hist]
         return x
@@ -315,48 +315,61 @@ def _find_shortcut(block: nn.Module) -> str:
         if isinstance(m, nn.Module) and any(True for _ in m.parameters()):
             return name
     raise ValueError(f"{type(block).__name__} has no projection shortcut (looked for {', '.join(_SHORTCUT_NAMES)}); "
-                     "pass 'proj' explicitly")
+                     "pass 'projection' explicitly")
 
 
 class FAStage(FASequential):
-    """One stage of a multi-stage FA network (SPEC §2): an FA chain (``chain=False``: plain blocks)
-    plus, for ``index`` >= 1, the stage-level gate.  A stage takes and returns a tensor, as the
-    stage it replaces, so it can replace ``layer1 .. layerN`` of a model whose forward calls them in a
-    row (forward hooks, torchvision's IntermediateLayerGetter and timm's forward_intermediates see
-    tensors).  The stage-level history [k_1 .. k_s] travels on the output tensor itself (an attribute
-    the next stage reads, see ``_with_history``): nothing of a call stays on the module or in a global,
-    so threads do not mix, and a chain cut short (layer1 .. layer3 only) leaves nothing behind.  The
-    stage with ``last=True`` returns its output without it.  P: ``pre`` (a module run on the stage input, whose
-    output feeds the chain, e.g. Inception's reduction block) or ``proj`` (default: the shortcut of
-    block 0, found by attribute name; a string is a submodule path) applied to the stage input.
+    """One stage of a multi-stage FA network (SPEC §2): an FA chain plus, for ``index`` >= 1, the
+    stage-level gate X_{s+1} = P(X_s) + (U_s - P(X_s)) k_s.  A stage takes and returns a tensor, as
+    the stage it replaces, so it can replace ``layer1 .. layerN`` of a model whose forward calls them
+    in a row (forward hooks, torchvision's IntermediateLayerGetter and timm's forward_intermediates
+    see tensors).  The stage-level history [k_1 .. k_s] travels on the output tensor itself (an
+    attribute the next stage reads, see ``_with_history``): nothing of a call stays on the module or
+    in a global, so threads do not mix, and a chain cut short (layer1 .. layer3 only) leaves nothing
+    behind.  When P is block 0's own shortcut, the output block 0 computes is kept (a forward hook on
+    the shortcut writes it to a per-thread, per-call table) instead of running P a second time,
+    which would also update its BatchNorm statistics twice.
+
+    Args:
+        blocks: the stage's blocks (an nn.Sequential or a list).
+        index: the stage's position s (0: not gated at stage level).
+        channels: of the chain's gates, as FASequential's ``channels``.
+        stage_channels: the stage output's width (None: read off the last block).
+        projection: P for index >= 1: "auto" (block 0's shortcut, found by attribute name), a
+            submodule path, or a module of its own.
+        pre: instead of a projection, a module run on the stage input whose output feeds the chain
+            and is P(X_s) (Inception's reduction block).
+        last: the last stage returns its output without the history attribute.
+        gated: False: the chain's blocks are not gated (stage level only).
+        r1, r2, backend, projections, fuse_residual, device, dtype: as for FASequential.
     """
 
     def __init__(self, blocks: Union[nn.Sequential, Sequence[nn.Module]], index: int,
                  channels: Union[int, Sequence[int], None] = None, stage_channels: Optional[int] = None,
-                 proj: Union[str, nn.Module, None] = "auto", pre: Optional[nn.Module] = None, last: bool = False,
-                 chain: bool = True, r1: int = 4, r2: int = 4, backend: Optional[str] = None,
-                 projections: Optional[Sequence[Optional[nn.Module]]] = None, fuse_residual: bool = True) -> None:
-        super().__init__(blocks, channels, r1, r2, backend, projections, gated=chain, fuse_residual=fuse_residual)
+                 projection: Union[str, nn.Module, None] = "auto", pre: Optional[nn.Module] = None,
+                 last: bool = False, gated: bool = True, r1: int = 4, r2: int = 4, backend: Optional[str] = None,
+                 projections: Optional[Sequence[Optional[nn.Module]]] = None, fuse_residual: bool = True,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(blocks, channels, r1, r2, backend, projections, gated=gated, fuse_residual=fuse_residual,
+                         device=device, dtype=dtype)
         self.index, self.last = index, last
-        self._proj_path: Optional[str] = None
+        self._projection_path: Optional[str] = None
         if pre is not None:
             self.pre = pre
         if index >= 1:
             if pre is None:
-                if proj == "auto":
-                    self._proj_path = "0." + _find_shortcut(self[0])
-                elif isinstance(proj, str):
-                    self._proj_path = proj
-                elif isinstance(proj, nn.Module):
-                    self.stage_proj = proj
+                if projection == "auto":
+                    self._projection_path = "0." + _find_shortcut(self[0])
+                elif isinstance(projection, str):
+                    self._projection_path = projection
+                elif isinstance(projection, nn.Module):
+                    self.projection = projection
                 else:
-                    raise ValueError("FAStage: stage index >= 1 needs 'proj' or 'pre'")
+                    raise ValueError("FAStage: stage index >= 1 needs 'projection' or 'pre'")
             c = stage_channels if stage_channels is not None else out_channels(self[self._n - 1])
-            self.stage_fa = FAGate(c, index, r1, r2, backend)
-            if self._proj_path is not None:
-                # Block 0 computes P(X_s) as its shortcut anyway: keep that output instead of
-                # running P twice (twice would also update its BN statistics twice).
-                self.get_submodule(self._proj_path).register_forward_hook(self._keep_projection)
+            self.stage_fa = FAGate(c, index, r1, r2, backend, device, dtype)
+            if self._projection_path is not None:
+                self.get_submodule(self._projection_path).register_forward_hook(self._keep_projection)
         self.last_stage_k: Optional[torch.Tensor] = None
 
     def _keep_projection(self, module: nn.Module, args, output: torch.Tensor) -> None:
@@ -365,9 +378,9 @@ class FAStage(FASequential):
             kept[self] = output
 
     def _project(self, x: torch.Tensor, kept: Optional[torch.Tensor]) -> torch.Tensor:
-        if self._proj_path is None:
-            return self.stage_proj(x)
-        return kept if kept is not None else self.get_submodule(self._proj_path)(x)
+        if self._projection_path is None:
+            return self.projection(x)
+        return kept if kept is not None else self.get_submodule(self._projection_path)(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hist = _history_of(x, self.index) if self.index >= 2 else []
@@ -418,18 +431,26 @@ def _history_of(x: torch.Tensor, index: int) -> list[torch.Tensor]:
 
 
 class FAStages(_NotScriptable, nn.Module):
-    """The stage level over ``stages`` (each an nn.Sequential of blocks): every stage an FA chain
-    (``chain=True``), stage 0 ungated, stage s >= 1 gated with P = ``projections[s]`` (default
-    "auto": the shortcut of its first block) or run on ``pre[s]`` (x).  ``channels[s]`` (an int:
-    the width of the stage's blocks and output; None: read off the blocks) sizes its gates.  Stages are children "0",
-    "1", ... holding their blocks as "s.i", so the keys of a plain nn.Sequential of stages load.
+    """The stage level over ``stages`` (SPEC §2): every stage an :class:`FAStage`, stage 0 ungated.
+    Stages are children "0", "1", ... holding their blocks as "s.i", so the keys of a plain
+    nn.Sequential of stages load.
+
+    Args:
+        stages: each an nn.Sequential (or list) of blocks, or an FAStage (kept as it is).
+        channels: per stage, its width (an int: of its blocks and output) or its chain's ``channels``
+            (a list), or None (read off the blocks).
+        projections: per stage s >= 1, its P: "auto" or None (the shortcut of its first block), a
+            submodule path, or a module.
+        pre: per stage, a module run on its input instead of a projection (see FAStage), or None.
+        gated, r1, r2, backend, fuse_residual, device, dtype: as for FAStage.
     """
 
     def __init__(self, stages: Union[nn.Sequential, Sequence[nn.Module]],
                  channels: Optional[Sequence[Union[int, Sequence[int], None]]] = None,
                  projections: Optional[Sequence[Union[str, nn.Module, None]]] = None,
-                 pre: Optional[Sequence[Optional[nn.Module]]] = None, chain: bool = True,
-                 r1: int = 4, r2: int = 4, backend: Optional[str] = None, fuse_residual: bool = True) -> None:
+                 pre: Optional[Sequence[Optional[nn.Module]]] = None, gated: bool = True,
+                 r1: int = 4, r2: int = 4, backend: Optional[str] = None, fuse_residual: bool = True,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         stages = list(stages.children()) if isinstance(stages, nn.Sequential) else list(stages)
         n = len(stages)
@@ -437,9 +458,9 @@ class FAStages(_NotScriptable, nn.Module):
             self.add_module(str(s), st if isinstance(st, FAStage) else FAStage(
                 st, s, channels=None if channels is None else channels[s],
                 stage_channels=channels[s] if channels is not None and isinstance(channels[s], int) else None,
-                proj="auto" if projections is None or projections[s] is None else projections[s],
-                pre=None if pre is None else pre[s], last=s == n - 1, chain=chain, r1=r1, r2=r2, backend=backend,
-                fuse_residual=fuse_residual))
+                projection="auto" if projections is None or projections[s] is None else projections[s],
+                pre=None if pre is None else pre[s], last=s == n - 1, gated=gated, r1=r1, r2=r2, backend=backend,
+                fuse_residual=fuse_residual, device=device, dtype=dtype))
         self._n = n
 
     def __len__(self) -> int:
@@ -453,24 +474,6 @@ class FAStages(_NotScriptable, nn.Module):
         for s in range(self._n):
             x = self._modules[str(s)](x)
         return x
-
-
-class SEBlock(nn.Module):
-    """Squeeze-and-excitation (Hu et al.): GAP -> Linear(C, C // r) -> ReLU -> Linear -> sigmoid ->
-    channel scale; both Linear layers with bias."""
-
-    def __init__(self, channels: int, r: int = 16) -> None:
-        super().__init__()
-        for name, v in (("channels", channels), ("r", r)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"SEBlock: argument '{name}' must be an int >= 1, got {v!r}")
-        hidden = max(1, channels // r)
-        self.fc1 = nn.Linear(channels, hidden)
-        self.fc2 = nn.Linear(hidden, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3))))))
-        return x * s[:, :, None, None].to(x.dtype)
 
 
 def collect_k(model: nn.Module) -> dict[str, torch.Tensor]:

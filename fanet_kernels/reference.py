@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from typing import Optional
 
 from . import _validate
-from .backends import Backend
+from .backends import Backend, register
 
 _acc = _validate.acc_dtype
 
@@ -45,14 +45,57 @@ def bn_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, wei
     momentum, eps), k)`` with the batch norm in the accumulation dtype: a residual block whose branch
     ends in a BatchNorm, that BatchNorm folded into the gate.  Updates the running stats as
     F.batch_norm does."""
+    return residual_gate_pool(x, _batch_norm(z, weight, bias, running_mean, running_var, training, momentum, eps), k)
+
+
+def bn_se_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, se_w1: torch.Tensor, se_b1: torch.Tensor, se_w2: torch.Tensor,
+                             se_b2: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
+                             running_var: Optional[torch.Tensor] = None, training: bool = True, momentum: float = 0.1,
+                             eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tail of a residual block whose branch ends ``BatchNorm -> SE``, and its FA gate: with
+    B = F.batch_norm(z, ...) and the SE scale e = excite(mean_hw(B)) (N, C),
+    ``residual_gate_pool(x, B * e[n, c], k)``, all in the accumulation dtype.  Updates the running
+    stats as F.batch_norm does."""
+    branch = _batch_norm(z, weight, bias, running_mean, running_var, training, momentum, eps)
+    return residual_gate_pool(x, _se_scaled(branch, se_w1, se_b1, se_w2, se_b2), k)
+
+
+def bn_se_residual(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   se_w1: torch.Tensor, se_b1: torch.Tensor, se_w2: torch.Tensor, se_b2: torch.Tensor,
+                   running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+                   training: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """The same block tail with no gate (an SE network without FA): ``relu(B * e[n, c] + x)``."""
     acc = _acc(x.dtype)
+    branch = _batch_norm(z, weight, bias, running_mean, running_var, training, momentum, eps)
+    return F.relu(_se_scaled(branch, se_w1, se_b1, se_w2, se_b2) + x.to(acc)).to(x.dtype)
+
+
+def excite(squeeze: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+           b2: torch.Tensor) -> torch.Tensor:
+    """SE's excitation ``sigmoid(W2 relu(W1 squeeze + b1) + b2)`` on the (N, C) squeeze, in its dtype."""
+    dt = squeeze.dtype
+    hidden = F.relu(F.linear(squeeze, w1.to(dt), b1.to(dt)))
+    return torch.sigmoid(F.linear(hidden, w2.to(dt), b2.to(dt)))
+
+
+def _se_scaled(branch: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+               b2: torch.Tensor) -> torch.Tensor:
+    """branch * excite(mean_hw(branch))[n, c]: an SE block on the (accumulation dtype) branch."""
+    return branch * excite(branch.mean(dim=(2, 3)), w1, b1, w2, b2)[:, :, None, None]
+
+
+def _batch_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], training: bool, momentum: float, eps: float) -> torch.Tensor:
+    """F.batch_norm of z in the accumulation dtype, updating the running stats (in their own dtype)."""
+    acc = _acc(z.dtype)
     stats = [None if t is None else t.to(acc) for t in (running_mean, running_var)]  # t itself if already acc
     branch = F.batch_norm(z.to(acc), stats[0], stats[1], weight.to(acc), bias.to(acc), training, momentum, eps)
     with torch.no_grad():
-        for t, s in zip((running_mean, running_var), stats):
-            if t is not None and s is not t:
-                t.copy_(s)
-    return residual_gate_pool(x, branch, k)
+        for t, st in zip((running_mean, running_var), stats):
+            if t is not None and st is not t:
+                t.copy_(st)
+    return branch
 
 
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
@@ -72,13 +115,13 @@ def _gate_acc(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor
 
 
 # ---- the small networks of one FA module ------------------------------------------------
-def mlp(l: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """The MLP head ``sigmoid(W2 relu(W1 l + b1) + b2)`` on inputs ``l`` (N, C), shape (N,): the focus
-    step's F_in on channel means, and the association step on the k history.  Computed in the
-    accumulation dtype, returned in l's dtype (the ``fanet::mlp`` op)."""
-    acc = _acc(l.dtype)
-    hidden = F.relu(F.linear(l.to(acc), w1.to(acc), b1.to(acc)))
-    return torch.sigmoid(F.linear(hidden, w2.to(acc), b2.to(acc))).squeeze(1).to(l.dtype)
+def mlp(inputs: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """The MLP head ``sigmoid(W2 relu(W1 inputs + b1) + b2)`` on ``inputs`` (N, C), shape (N,): the
+    focus step's F_in on channel means, and the association step on the k history.  Computed in the
+    accumulation dtype, returned in the inputs' dtype (the ``fanet::mlp`` op)."""
+    acc = _acc(inputs.dtype)
+    hidden = F.relu(F.linear(inputs.to(acc), w1.to(acc), b1.to(acc)))
+    return torch.sigmoid(F.linear(hidden, w2.to(acc), b2.to(acc))).squeeze(1).to(inputs.dtype)
 
 
 def associate(history: list[torch.Tensor], k_focus: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
@@ -88,9 +131,10 @@ def associate(history: list[torch.Tensor], k_focus: torch.Tensor, w3: torch.Tens
     return mlp(torch.stack([*history, k_focus], dim=1), w3, b3, w4, b4)
 
 
-BACKEND = Backend(name="reference", devices=("cpu", "cuda", "meta", "mps", "xpu"),
-                  gate=gate, gate_pool=gate_pool, focus=focus, residual_gate_pool=residual_gate_pool, mlp=mlp,
-                  bn_residual_gate_pool=bn_residual_gate_pool)
+register(Backend(name="reference", devices=("cpu", "cuda", "meta", "mps", "xpu"),
+                 gate=gate, gate_pool=gate_pool, focus=focus, residual_gate_pool=residual_gate_pool, mlp=mlp,
+                 bn_residual_gate_pool=bn_residual_gate_pool, bn_se_residual_gate_pool=bn_se_residual_gate_pool,
+                 bn_se_residual=bn_se_residual))
 
 
 # ---- SPEC §1 / §2: one FA block, a chain, the stage level, with explicit weights --------
@@ -98,9 +142,9 @@ BACKEND = Backend(name="reference", devices=("cpu", "cuda", "meta", "mps", "xpu"
 # w3, b3, w4, b4 (association); the modules of fanet_kernels.modules hold the same tensors
 # (FAGate.params()) and are tested against these functions.
 def fa_weight(i: int, x: torch.Tensor, u: torch.Tensor, history: list[torch.Tensor], params,
-              pooled_x: torch.Tensor | None = None, x_proj: torch.Tensor | None = None):
+              pooled_x: torch.Tensor | None = None, projected: torch.Tensor | None = None):
     """FA of gated block ``i`` >= 1 (SPEC §1): focus on x (or on its channel means ``pooled_x``),
-    association over ``history`` = [k_1 .. k_{i-1}] (i >= 2), weighting of ``x_proj`` (P(x), when
+    association over ``history`` = [k_1 .. k_{i-1}] (i >= 2), weighting of ``projected`` (P(x), when
     x and u differ in shape) or x towards u.  Returns (out, k, history + [k], pooled out)."""
     if pooled_x is None:
         k = focus(x, params["w1"], params["b1"], params["w2"], params["b2"])
@@ -108,7 +152,7 @@ def fa_weight(i: int, x: torch.Tensor, u: torch.Tensor, history: list[torch.Tens
         k = mlp(pooled_x, params["w1"], params["b1"], params["w2"], params["b2"])
     if i >= 2:
         k = associate(list(history), k, params["w3"], params["b3"], params["w4"], params["b4"])
-    start = x if x_proj is None else x_proj
+    start = x if projected is None else projected
     out, pooled = gate_pool(start, u, k)
     return out, k, [*history, k], pooled
 
@@ -124,7 +168,7 @@ def fa_chain(x: torch.Tensor, blocks, params, projections=None, history=None):
         u = blocks[i](x)
         proj = projections[i] if projections is not None else None
         x, _, hist, pooled = fa_weight(i, x, u, hist, params[i - 1], pooled_x=pooled,
-                                       x_proj=None if proj is None else proj(x))
+                                       projected=None if proj is None else proj(x))
     return x, hist
 
 

@@ -55,17 +55,17 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fanet_kernels  # noqa: E402,F401  (before the patched import below: nothing else sees the patch)
 
-# Kernels are autotuned only when a driver is present (gate.AUTOTUNE, read at import): pretend one
+# Kernels are autotuned only when a driver is present (common.AUTOTUNE, read at import): pretend one
 # is while fanet_kernels.triton is imported, so that autotuned kernels carry the configs a GPU
 # compiles.  Nothing else runs in between.
 _is_available = torch.cuda.is_available
 torch.cuda.is_available = lambda: True
 try:
-    from fanet_kernels.triton import bn_gate, focus, gate  # noqa: E402
+    from fanet_kernels.triton import bn_gate, common, focus, gate  # noqa: E402
 finally:
     torch.cuda.is_available = _is_available
 
-MODULES = (gate, bn_gate, focus)
+MODULES = (common, gate, bn_gate, focus)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 MAX_REGISTERS = 128
 
@@ -187,7 +187,7 @@ def _meta(shape, dtype, channels_last: bool = False) -> torch.Tensor:
 
 def _guard(x: torch.Tensor):
     """The op's device context where the launch code has one (launch() may refuse to run outside it)."""
-    device_of = getattr(gate, "device_of", None)
+    device_of = getattr(common, "device_of", None)
     return device_of(x) if device_of is not None else contextlib.nullcontext()
 
 
@@ -202,8 +202,8 @@ def _op_calls(shape, dtype: torch.dtype, cl: bool) -> list[tuple[str, Callable[[
     mean, var = _meta((c,), acc), _meta((c,), acc)
     grads = (("grad_out", g, None), ("grad_out+grad_pooled", g, gp), ("grad_pooled", None, gp))
     calls = [("gate", lambda: gate._gate_impl(x, u, k)),
-             ("gate_pool", lambda: gate._gate_pool_impl(x, u, k)),
-             ("residual_gate_pool", lambda: gate._gate_pool_impl(x, u, k, residual=True))]
+             ("gate_pool", lambda: gate.gate_pool_impl(x, u, k)),
+             ("residual_gate_pool", lambda: gate.gate_pool_impl(x, u, k, residual=True))]
     for residual, (gname, gv, gpv) in itertools.product((False, True), grads):
         calls.append((f"{'residual_' if residual else ''}gate_pool_backward({gname})",
                       lambda r=residual, gv=gv, gpv=gpv: gate._gate_backward_impl(gv, gpv, x, u, k, r)))
@@ -216,6 +216,15 @@ def _op_calls(shape, dtype: torch.dtype, cl: bool) -> list[tuple[str, Callable[[
             calls.append((f"bn_residual_gate_pool_backward(training={training}, {gname})",
                           lambda t=training, gv=gv, gpv=gpv: bn_gate._backward_impl(
                               gv, gpv, x, u, k, weight, bias, mean, var, t, 1e-5)))
+    r = max(1, c // 16)
+    se = (_meta((r, c), dtype), _meta((r,), dtype), _meta((c, r), dtype), _meta((c,), dtype))
+    z_mean = _meta((n, c), acc)
+    for weigh in (True, False) if n * h * w > 1 else ():
+        name = "bn_se_residual_gate_pool" if weigh else "bn_se_residual"
+        calls.append((name, lambda wg=weigh: bn_gate._se_forward_impl(x, u, k, weight, bias, *se, mean, var, True,
+                                                                      1e-5, wg)))
+        calls.append((f"{name}_backward", lambda wg=weigh: bn_gate._se_backward_impl(
+            g, gp if wg else None, x, u, k, weight, bias, *se, mean, var, z_mean, True, 1e-5, wg)))
     for h1 in sorted({max(1, c // 16), max(1, c // 4)}):
         w1, b1, w2, b2 = _meta((h1, c), dtype), _meta((h1,), dtype), _meta((1, h1), dtype), _meta((1,), dtype)
         calls.append((f"focus(H1={h1})", lambda w1=w1, b1=b1, w2=w2, b2=b2: focus._focus_impl(x, w1, b1, w2, b2)))

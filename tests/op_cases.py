@@ -109,12 +109,10 @@ def assert_names_argument(op: str, args: tuple, name: str, backend: str) -> None
     """ops.<op>(*args) raises an error that names the argument (the regex ``name``), with the reference
     backend's message word for word (the C++ checks, csrc/common/checks.h, say what _validate.py says,
     dtypes spelled as in Python); so does the raw op, bypassing the Python checks."""
-    from fanet_kernels import ops
-
     with pytest.raises(BAD_ERRORS, match=name) as got:
-        getattr(ops, op)(*args, backend=backend)
+        getattr(fk.ops, op)(*args, backend=backend)
     with pytest.raises(BAD_ERRORS) as want:
-        getattr(ops, op)(*args, backend="reference")
+        getattr(fk.ops, op)(*args, backend="reference")
     assert (got.type, str(got.value)) == (want.type, str(want.value))
     with pytest.raises(BAD_ERRORS, match=name):
         getattr(native_ops(backend), op)(*args)

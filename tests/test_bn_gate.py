@@ -5,10 +5,8 @@ eps)`` is ``residual_gate_pool(x, F.batch_norm(z, ...), k)`` with the BatchNorm 
 accumulation dtype and the result rounded once; running stats are updated as F.batch_norm does.
 The fused "cpu" and "cuda" backends (torch.ops.fanet.bn_residual_gate_pool and its backward op) are
 tested against reference.bn_residual_gate_pool, and the FA chains' fold against the unfused blocks; so
-is the fused "triton" backend (torch.ops.fanet_triton.bn_residual_gate_pool), on CPU tensors under the
-Triton interpreter (TRITON_INTERPRET=1, tests/conftest.py) with a smaller "large" case, and on CUDA.
-Ids start with "<backend>-<device>" as in test_ops.py; the CUDA targets are marked ``cuda`` and
-skipped without a GPU.
+is the fused "triton" backend (torch.ops.fanet_triton.bn_residual_gate_pool), on every target
+(op_cases.py).
 """
 from __future__ import annotations
 
@@ -22,64 +20,21 @@ import torch.nn.functional as F
 import fanet_kernels as fk
 from fanet_kernels import ops, reference, zoo
 from fanet_kernels.modules import FAGate, FASequential, ResidualBlock
-from op_cases import DTYPES, LAYOUTS, SHAPES, TOL, cuda_skip_reason, grad_tol, grads, k_dtype, make, make_k
+from op_cases import (BAD_ERRORS, CPU_TARGETS, DTYPES, LAYOUTS, NEEDS_CPU, SHAPES, TOL,
+                      assert_same_bits_at_any_thread_count, cuda_skip_reason, grad_tol, grads, k_dtype, make, make_k,
+                      native_ops, opcheck, shape_of)
 
-pytestmark = pytest.mark.skipif("cpu" not in fk.available_backends("cpu"),
-                                reason="compiled CPU backend not built (see README: pip install -e .)")
-
-
-def _cuda_target(backend: str):
-    reason = cuda_skip_reason(backend)
-    return pytest.param((backend, "cuda"), id=f"{backend}-cuda",
-                        marks=[pytest.mark.cuda, pytest.mark.skipif(reason is not None, reason=reason or "")])
-
-
-TRITON_CPU_SKIP = "triton" not in fk.available_backends("cpu")
-TARGETS = [pytest.param(("cpu", "cpu"), id="cpu-cpu"),
-           pytest.param(("triton", "cpu"), id="triton-cpu",
-                        marks=pytest.mark.skipif(TRITON_CPU_SKIP, reason="triton backend not available on CPU "
-                                                 "tensors (needs triton and TRITON_INTERPRET=1)")),
-           _cuda_target("cuda"), _cuda_target("triton")]
-# The fused ops themselves (torch.ops.<namespace>.bn_residual_gate_pool and its backward op), for
-# the tests of the op contract: the C++ op, and the Triton one where it runs on CPU tensors.
-OP_NAMESPACES = [pytest.param("fanet", id="cpu"),
-                 pytest.param("fanet_triton", id="triton",
-                              marks=pytest.mark.skipif(TRITON_CPU_SKIP, reason="triton backend not available on "
-                                                       "CPU tensors (needs triton and TRITON_INTERPRET=1)"))]
-# The same ops on the devices they run on, for the opcheck and gradcheck tests: (namespace, device,
-# the backend that runs them).
-OP_TARGETS = [pytest.param(("fanet", "cpu", "cpu"), id="cpu"),
-              pytest.param(("fanet_triton", "cpu", "triton"), id="triton", marks=OP_NAMESPACES[1].marks),
-              pytest.param(("fanet", "cuda", "cuda"), id="cuda",
-                           marks=[pytest.mark.cuda, pytest.mark.skipif(cuda_skip_reason("cuda") is not None,
-                                                                       reason=cuda_skip_reason("cuda") or "")])]
 MODES = ("train", "eval")
 GRAD_NAMES = ("x", "z", "k", "weight", "bias")
-BAD_ERRORS = (ValueError, TypeError, RuntimeError)
 EPS = 1e-5
 # op_cases' shapes and three for the channels_last paths of the BatchNorm sums: C > 256 with H*W > 1
 # (several channel blocks), and C = 8, 4 dividing the SIMD step with a masked last step.
 BN_SHAPES = {**SHAPES, "C300": (2, 300, 5, 7), "C8": (3, 8, 5, 7), "C4": (3, 4, 3, 5)}
-# The Triton interpreter simulates every program in numpy: it gets a smaller "large" case.
-LARGE_FOR = {("triton", "cpu"): (2, 64, 64, 64)}  # as test_ops.py
 
 
-def shape_of(name: str, target: tuple[str, str]) -> tuple[int, ...]:
-    return LARGE_FOR.get(target, BN_SHAPES[name]) if name == "large" else BN_SHAPES[name]
-
-
-def fused_ops(namespace: str):
-    """(forward op, backward op) of bn_residual_gate_pool in torch.ops.<namespace>."""
-    if namespace == "fanet_triton":
-        import fanet_kernels.triton  # noqa: F401  (registers torch.ops.fanet_triton.*)
-    ns = getattr(torch.ops, namespace)
-    return ns.bn_residual_gate_pool.default, ns.bn_residual_gate_pool_backward.default
-
-
-@pytest.fixture(params=TARGETS)
-def target(request) -> tuple[str, str]:
-    """(backend, device): the backend under test and the device its tensors are created on."""
-    return request.param
+def raw_op(backend: str):
+    """The fused op itself, torch.ops.<namespace>.bn_residual_gate_pool (it leaves the running stats alone)."""
+    return native_ops(backend).bn_residual_gate_pool
 
 
 def cases(shapes, dtypes=DTYPES):
@@ -216,7 +171,7 @@ def test_exported():
 @pytest.mark.parametrize("sname,dname", cases(BN_SHAPES))
 def test_forward_matches_reference(target, sname, dname, layout, mode):
     """out, pooled and the updated running stats (separate copies per side) as the reference."""
-    (backend, dev), dtype, shape, training = target, DTYPES[dname], shape_of(sname, target), mode == "train"
+    (backend, dev), dtype, shape, training = target, DTYPES[dname], shape_of(sname, target, BN_SHAPES), mode == "train"
     if training and shape[0] * shape[2] * shape[3] == 1:
         pytest.skip("one value per channel: F.batch_norm raises when training (test_one_value_per_channel_raises)")
     (x, z, k, w, b), (rm, rv) = make_inputs(shape, dtype, layout, dev)
@@ -241,7 +196,7 @@ def test_variance_of_offset_z(target, sname, dname, layout):
     lose the digits a two-pass float32 computation keeps.  Compared with the exact values (the
     reference in float64): ATen's own float32 channels_last batch_norm, which sums in order, is off
     by ~2e-5 here ("large"), more than TOL allows."""
-    (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
+    (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target, BN_SHAPES)
     inputs, (rm, rv) = make_inputs(shape, dtype, layout, dev, requires_grad=True, offset=3.0, scale=0.5)
     (ex_out, ex_pooled), (ex_rm, ex_rv), ex_grads = exact(inputs, (rm, rv), True)
     out, pooled = ops.bn_residual_gate_pool(*inputs, rm, rv, training=True, backend=backend)
@@ -275,14 +230,14 @@ def test_forward_arguments(target, case, dname):
     check_grads(fused, ref, dtype, z_scale=conditioning(inputs[1], inputs[3], training, kw.get("eps", EPS))[1])
 
 
-@pytest.mark.parametrize("namespace", OP_NAMESPACES)
+@pytest.mark.parametrize("target", CPU_TARGETS)
 @pytest.mark.parametrize("mode", MODES)
-def test_native_op_with_empty_batch(namespace, mode):
+def test_native_op_with_empty_batch(target, mode):
     """N = 0 through the op itself (ops.bn_residual_gate_pool hands empty inputs to F.batch_norm,
     which leaves the running stats alone): empty out and pooled; statistics of zeros when training
     (both ops alike), the running stats in eval; empty gradients."""
     (x, z, k, w, b), (rm, rv) = make_inputs((0, 3, 4, 4), torch.float32, "contiguous", requires_grad=True)
-    out, pooled, mean, var = fused_ops(namespace)[0](x, z, k, w, b, rm, rv, mode == "train", EPS)
+    out, pooled, mean, var = raw_op(target[0])(x, z, k, w, b, rm, rv, mode == "train", EPS)
     assert out.shape == x.shape and pooled.shape == (0, 3)
     if mode == "train":
         assert not mean.any() and not var.any()
@@ -316,10 +271,10 @@ def test_bfloat16_parameters(target, stats_dtype, mode):
                 z_scale=conditioning(inputs[1], inputs[3], training)[1])
 
 
-@pytest.mark.parametrize("namespace", OP_NAMESPACES)
-def test_one_value_per_channel_raises_when_training(namespace):
+@pytest.mark.parametrize("target", CPU_TARGETS)
+def test_one_value_per_channel_raises_when_training(target):
     """N*H*W == 1 raises as F.batch_norm does when training; eval mode is fine."""
-    backend = "cpu" if namespace == "fanet" else "triton"
+    backend = target[0]
     (x, z, k, w, b), (rm, rv) = make_inputs((1, 4, 1, 1), torch.float32, "contiguous")
     for fn in (lambda *a, **kw: ops.bn_residual_gate_pool(*a, **kw, backend=backend), reference.bn_residual_gate_pool):
         with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
@@ -330,17 +285,17 @@ def test_one_value_per_channel_raises_when_training(namespace):
     torch.testing.assert_close(pooled, ref_pooled, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("namespace", OP_NAMESPACES)
+@pytest.mark.parametrize("target", CPU_TARGETS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dname", ["f32", "f64", "bf16"])
-def test_native_op_returns_stats_and_leaves_running_stats(dname, mode, namespace):
+def test_native_op_returns_stats_and_leaves_running_stats(target, dname, mode):
     """The op (C++, or Triton's with the same contract) returns the batch mean and biased variance
     (training) or the running stats (eval) in the accumulation dtype, and does not touch the
     running stats (the Python function updates them)."""
     dtype, training, shape = DTYPES[dname], mode == "train", SHAPES["7x7"]
     (x, z, k, w, b), (rm, rv) = make_inputs(shape, dtype, "channels_last")
     rm0, rv0 = rm.clone(), rv.clone()
-    out, pooled, mean, var = fused_ops(namespace)[0](x, z, k, w, b, rm, rv, training, EPS)
+    out, pooled, mean, var = raw_op(target[0])(x, z, k, w, b, rm, rv, training, EPS)
     acc = k_dtype(dtype)
     za = z.to(acc)
     want_mean, want_var = (za.mean((0, 2, 3)), za.var((0, 2, 3), unbiased=False)) if training else (rm0, rv0)
@@ -360,6 +315,7 @@ BIG_MAP = (1, 64, 128, 128)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dname", ["f32", "bf16"])
 @pytest.mark.parametrize("shape", [SHAPES["large"], BIG_MAP], ids=["large", "big_map"])
+@NEEDS_CPU
 def test_batch_statistics_are_accurate(shape, dname, layout):
     """The batch mean and variance (float32 sums of 65536 and 16384 values per channel) and the
     outputs they normalize against the exact values: float32 sums split into short runs keep them
@@ -387,7 +343,7 @@ def test_batch_statistics_are_accurate(shape, dname, layout):
                          cases(["C300", "C8", "C4"], ["f32", "f64", "bf16"]))
 def test_backward_matches_reference(target, sname, dname, layout, mode):
     """Gradients of x, z, k, weight and bias for random grad_out and grad_pooled."""
-    (backend, dev), dtype, shape, training = target, DTYPES[dname], shape_of(sname, target), mode == "train"
+    (backend, dev), dtype, shape, training = target, DTYPES[dname], shape_of(sname, target, BN_SHAPES), mode == "train"
     inputs, stats = make_inputs(shape, dtype, layout, dev, requires_grad=True)
     fused = grads(fused_fn(backend, stats, training), inputs)
     ref = grads(reference_fn(stats, training), inputs)
@@ -410,66 +366,53 @@ def test_backward_with_one_output_unused(target, used, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dname", ["f32", "bf16"])
+@NEEDS_CPU
 def test_backward_is_deterministic(dname, mode):
     """The batch statistics, grad_k and the weight and bias gradients are reduced without
     atomics: identical bits across runs and thread counts."""
-    shape, training = SHAPES["large"], mode == "train"
+    training = mode == "train"
     for layout in ("contiguous", "channels_last"):
-        inputs, stats = make_inputs(shape, DTYPES[dname], layout, requires_grad=True)
-        threads = torch.get_num_threads()
-        runs = []
-        for n in (max(threads, 2), 1, 3):  # 1 and several threads, whatever OMP_NUM_THREADS says
-            torch.set_num_threads(n)
-            try:
-                rm, rv = (s.clone() for s in stats)
-                fwd = ops.bn_residual_gate_pool(*inputs, rm, rv, training=training, backend="cpu")
-                runs.append((*fwd, rm, rv, *grads(fused_fn("cpu", stats, training), inputs)))
-            finally:
-                torch.set_num_threads(threads)
-        for other in runs[1:]:
-            for a, b in zip(runs[0], other):
-                assert torch.equal(a, b)
+        inputs, stats = make_inputs(SHAPES["large"], DTYPES[dname], layout, requires_grad=True)
+
+        def run():
+            rm, rv = (s.clone() for s in stats)
+            fwd = ops.bn_residual_gate_pool(*inputs, rm, rv, training=training, backend="cpu")
+            return [*fwd, rm, rv, *grads(fused_fn("cpu", stats, training), inputs)]
+
+        assert_same_bits_at_any_thread_count(run)
 
 
-# ---- torch.library.opcheck, gradcheck, double backward ------------------------------------
-@pytest.mark.parametrize("op_target", OP_TARGETS)
+# ---- torch.library.opcheck, gradcheck ------------------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["train", "train_no_stats", "eval"])
-def test_opcheck(mode, layout, op_target):
-    namespace, dev, _ = op_target
+def test_opcheck(target, mode, layout):
+    backend, dev = target
     inputs, stats = make_inputs((2, 6, 3, 5), torch.float32, layout, dev, requires_grad=True)
     stats = (None, None) if mode == "train_no_stats" else stats
-    torch.library.opcheck(fused_ops(namespace)[0], (*inputs, *stats, mode != "eval", EPS))
+    opcheck(backend, "bn_residual_gate_pool", (*inputs, *stats, mode != "eval", EPS))
 
 
-@pytest.mark.parametrize("op_target", OP_TARGETS)
 @pytest.mark.parametrize("mode,grads_given", [("train", "both"), ("eval", "both"), ("train", "out"),
                                               ("train", "pooled"), ("eval", "pooled")])
-def test_opcheck_backward_op(mode, grads_given, op_target):
-    namespace, dev, _ = op_target
+def test_opcheck_backward_op(target, mode, grads_given):
+    backend, dev = target
     shape, training = (2, 4, 3, 3), mode == "train"
     (x, z, k, w, b), (rm, rv) = make_inputs(shape, torch.float32, "contiguous", dev)
     mean, var = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)) if training else (rm, rv)
     g_out = make(shape, torch.float32, "contiguous", device=dev, seed=2) if grads_given in ("both", "out") else None
     g_pooled = torch.randn(2, 4, device=dev) if grads_given in ("both", "pooled") else None
-    args = (g_out, g_pooled, x, z, k, w, b, mean, var, training, EPS)
-    # The C++ backward op has an autograd kernel (it raises on double backward); Triton's has none,
-    # so opcheck's autograd-registration check does not apply to it (as in test_triton.py).
-    utils = {} if namespace == "fanet" else dict(test_utils=("test_schema", "test_faketensor",
-                                                             "test_aot_dispatch_dynamic"))
-    torch.library.opcheck(fused_ops(namespace)[1], args, **utils)
+    opcheck(backend, "bn_residual_gate_pool_backward", (g_out, g_pooled, x, z, k, w, b, mean, var, training, EPS))
 
 
-@pytest.mark.parametrize("op_target", OP_TARGETS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "train_no_stats", "eval"])
-def test_gradcheck_float64(mode, layout, op_target):
-    _, dev, backend = op_target
+def test_gradcheck_float64(target, mode, layout):
+    backend, dev = target
     inputs, stats = make_inputs((2, 3, 4, 5), torch.float64, layout, dev, requires_grad=True)
     stats = (None, None) if mode == "train_no_stats" else stats
     # The interpreter: fast mode (random directions, a few evaluations instead of ~500, ~30 s each).
     assert torch.autograd.gradcheck(fused_fn(backend, stats, mode != "eval"), tuple(inputs),
-                                    fast_mode=backend == "triton")
+                                    fast_mode=target == ("triton", "cpu"))
 
 
 @pytest.mark.cuda
@@ -487,28 +430,6 @@ def test_cuda_is_deterministic(mode, layout):
     runs = [(*fn(*big), *grads(fn, big)) for _ in range(2)]
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_double_backward_raises(mode):
-    """First derivatives only: with create_graph=True the gradients are the usual ones, and a
-    backward through them raises instead of treating them as constants (a silently wrong result)."""
-    inputs, (rm, rv) = make_inputs((2, 4, 3, 3), torch.float32, "contiguous", requires_grad=True)
-    out, pooled, _, _ = torch.ops.fanet.bn_residual_gate_pool(*inputs, rm, rv, mode == "train", EPS)
-    loss = out.sum() + pooled.sum()
-    first = torch.autograd.grad(loss, inputs, create_graph=True)
-    expected = torch.autograd.grad(loss, inputs, retain_graph=True)
-    for a, b in zip(first, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.raises(NotImplementedError, match="fanet::bn_residual_gate_pool_backward is not differentiable"):
-        sum(g.sum() for g in first).backward()
-
-
-def test_native_autograd_is_a_cpp_node():
-    """Differentiated by csrc/autograd.cpp like the other C++ ops (see test_ops.py)."""
-    inputs, (rm, rv) = make_inputs((2, 4, 3, 3), torch.float32, "contiguous", requires_grad=True)
-    out = torch.ops.fanet.bn_residual_gate_pool(*inputs, rm, rv, True, EPS)[0]
-    assert out.grad_fn.name().startswith("torch::autograd::CppNode<fanet::"), out.grad_fn.name()
 
 
 # ---- bad input: an error that names the argument, never a crash ---------------------------
@@ -532,28 +453,28 @@ def _bad_cases():
     }
 
 
-@pytest.mark.parametrize("namespace", OP_NAMESPACES)
+@pytest.mark.parametrize("target", CPU_TARGETS)
 @pytest.mark.parametrize("case", list(_bad_cases()))
-def test_bad_input_names_argument(case, namespace):
+def test_bad_input_names_argument(case, target):
     args, name = _bad_cases()[case]
     with pytest.raises(BAD_ERRORS, match=name):
-        ops.bn_residual_gate_pool(*args, training=True, backend="cpu" if namespace == "fanet" else "triton")
+        ops.bn_residual_gate_pool(*args, training=True, backend=target[0])
     with pytest.raises(BAD_ERRORS, match=name):  # the raw op, bypassing the Python checks
-        fused_ops(namespace)[0](*args, True, EPS)
+        raw_op(target[0])(*args, True, EPS)
 
 
-@pytest.mark.parametrize("namespace", OP_NAMESPACES)
-def test_eval_without_running_stats_raises(namespace):
-    backend = "cpu" if namespace == "fanet" else "triton"
+@pytest.mark.parametrize("target", CPU_TARGETS)
+def test_eval_without_running_stats_raises(target):
+    backend = target[0]
     (x, z, k, w, b), (rm, rv) = make_inputs((2, 3, 4, 4), torch.float32, "contiguous")
     for stats, name in (((None, None), "running_mean"), ((rm, None), "running_var")):
         with pytest.raises(BAD_ERRORS, match=name):
             ops.bn_residual_gate_pool(x, z, k, w, b, *stats, training=False, backend=backend)
         with pytest.raises(BAD_ERRORS, match=name):
-            fused_ops(namespace)[0](x, z, k, w, b, *stats, False, EPS)
+            raw_op(backend)(x, z, k, w, b, *stats, False, EPS)
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t.id.endswith("-cpu")])
+@pytest.mark.parametrize("target", CPU_TARGETS)
 @pytest.mark.parametrize("where", [(0, 1, 2, 2), (1, 1, 0, 3)], ids=["at_shift", "elsewhere"])
 def test_inf_in_z_gives_statistics_as_batch_norm(target, where):
     """An inf in z: F.batch_norm's mean of that channel is inf and its variance NaN, which must
@@ -624,6 +545,7 @@ def _step(model: nn.Module, backend: str, train: bool, fuse: bool = True):
     ("fa_resnet20", "default", "train"), ("fa_resnet20", "default", "eval"),
     ("fa_resnet20", "momentum_none", "train"), ("fa_resnet20", "untracked", "train"),
     ("fa_resnet20", "untracked", "eval"), ("fa_se_resnet20", "default", "train")])
+@NEEDS_CPU
 def test_fa_resnet_fold_matches_reference_and_unfused(name, variant, mode):
     """One step of the cpu backend (BN folded into the gate) against the reference backend and
     against the unfused blocks (fuse_residual=False): logits, gradients, every BN's running stats
@@ -649,18 +571,20 @@ def _gated_identity_blocks(model: nn.Module, with_se: bool) -> int:
 
 
 @pytest.mark.parametrize("name", ["fa_resnet20", "fa_se_resnet20"])
+@NEEDS_CPU
 def test_cpu_backend_folds_the_batchnorm(name):
     """In train mode every gated block with an identity shortcut and no SE (whose last BN is then
     the end of its branch) runs fanet::bn_residual_gate_pool once, forward and backward, instead of
-    residual_gate_pool; blocks with SE keep residual_gate_pool (SE sits between the BN and the add)."""
+    residual_gate_pool; blocks with SE run fanet::bn_se_residual_gate_pool (test_bn_se.py)."""
     torch.manual_seed(11)
     model = zoo.create_model(name, backend="cpu").train()
-    folded, residual = _gated_identity_blocks(model, with_se=False), _gated_identity_blocks(model, with_se=True)
-    assert residual > 0
+    folded, gated = _gated_identity_blocks(model, with_se=False), _gated_identity_blocks(model, with_se=True)
+    assert gated > 0
     x = torch.randn(2, 3, 16, 16)
     with fk.use_backend("cpu"), torch.profiler.profile() as prof:
         model(x).sum().backward()
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("fanet::bn_residual_gate_pool", 0) == folded, counts
     assert counts.get("fanet::bn_residual_gate_pool_backward", 0) == folded, counts
-    assert counts.get("fanet::residual_gate_pool", 0) == residual - folded, counts
+    assert counts.get("fanet::residual_gate_pool", 0) == 0, counts
+    assert counts.get("fanet::bn_se_residual_gate_pool", 0) == gated - folded, counts

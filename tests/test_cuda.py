@@ -1,7 +1,8 @@
 """CUDA-only tests of the CUDA backend (SPEC §4): alignment, mixed dtypes, empty batch, streams, devices.
 
 The op cases shared with the CPU backends (forward/backward vs the reference, opcheck, gradcheck,
-torch.compile, bad inputs) run on CUDA tensors in test_ops.py (targets "cuda-cuda", "triton-cuda").
+torch.compile, bad inputs) run on CUDA tensors in the per-op files (test_gate.py, test_residual.py,
+test_bn_gate.py, test_focus.py: targets "cuda-cuda", "triton-cuda").
 Run with ``pytest -m cuda -rs``.  Without a GPU (or without the CUDA kernels built into
 fanet_kernels._C) the whole module is skipped and ``-rs`` prints why.
 """
@@ -9,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import fanet_kernels as fk
-from fanet_kernels import ops, reference
 from op_cases import DTYPES, SHAPES, TOL, cuda_skip_reason, grad_tol, grads, k_dtype, make, make_focus_weights, make_k
+
+from fanet_kernels import backends, native, ops, reference
 
 _REASON = cuda_skip_reason("cuda")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
@@ -54,8 +54,8 @@ def test_misaligned_inputs_take_the_scalar_path(dname, layout):
 
 # residual_gate_pool against the CPU kernels (the same fa_math.h arithmetic): every kernel variant
 # of the residual op, i.e. both layouts, packed and scalar paths, and its backward with grad_out
-# only (no fold), grad_pooled only and both (fold).  The backward of the shared test_ops.py cases
-# vs the reference covers the math; this covers the CUDA instantiations.
+# only (no fold), grad_pooled only and both (fold).  The backward of the shared cases
+# vs the reference (test_residual.py) covers the math; this covers the CUDA instantiations.
 @pytest.mark.parametrize("grads_of", ["out", "pooled", "both"])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -160,11 +160,6 @@ def test_second_device():
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
     torch.testing.assert_close(pooled, ref_pooled, **TOL[torch.float32])
     torch.testing.assert_close(kf, reference.focus(x, *ws), **TOL[torch.float32])
-
-
-# ---- the backend switch ---------------------------------------------------------------------
-def test_auto_picks_a_fused_backend_for_cuda_tensors():
-    assert fk.get_backend("cuda") in ("triton", "cuda")
 
 
 # ---- bit-identity with the CPU kernels (csrc/common/fa_math.h) ----------------------------------
@@ -322,7 +317,7 @@ def test_build_covers_this_gpu():
     """The archs the build recorded run on this GPU, and the cuda backend's device check agrees."""
     from fanet_kernels import cuda_arch
 
-    archs = ops._C.cuda_archs()
+    archs = native.extension.cuda_archs()
     cc = torch.cuda.get_device_capability()
     assert cuda_arch.runs_on(cuda_arch.parse_arch_list(archs), cc), (archs, cc)
-    assert ops.BACKENDS["cuda"].device_check(torch.device("cuda", torch.cuda.current_device())) is None
+    assert backends.load("cuda").device_check(torch.device("cuda", torch.cuda.current_device())) is None

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from fanet_kernels import backends, cuda_arch, ops
+from fanet_kernels import backends, cuda_arch, native, ops
 from fanet_kernels.cuda_arch import DEFAULT_ARCH_LIST, Arch, from_gencode_flags, parse_arch_list, runs_on
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,11 +88,11 @@ def test_defaults_agree():
     assert f'"{DEFAULT_ARCH_LIST}"' in cmake
 
 
-@pytest.mark.skipif(not ops.HAS_EXTENSION or ops._C.cuda_archs() is None, reason="no CUDA kernels built")
+@pytest.mark.skipif(not native.HAS_EXTENSION or native.extension.cuda_archs() is None, reason="no CUDA kernels built")
 def test_extension_records_its_archs():
-    archs = parse_arch_list(ops._C.cuda_archs())
+    archs = parse_arch_list(native.extension.cuda_archs())
     assert archs, "the build recorded no CUDA archs"
-    assert ops.BACKENDS["cuda"].device_check is not None
+    assert backends.load("cuda").device_check is not None
 
 
 # ---- the dispatch, with torch.cuda's device queries replaced ----------------------------------
@@ -122,8 +122,8 @@ def gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPUS[device][0])
-    monkeypatch.setitem(backends._loaded, "cuda", _fake("cuda"))
-    monkeypatch.setitem(backends._loaded, "triton", _fake("triton"))
+    monkeypatch.setitem(backends._registered, "cuda", _fake("cuda"))
+    monkeypatch.setitem(backends._registered, "triton", _fake("triton"))
     yield asked
 
 
@@ -139,7 +139,8 @@ def test_named_cuda_backend_refuses_an_uncovered_gpu(gpus):
 def test_auto_skips_cuda_on_an_uncovered_gpu(gpus, monkeypatch):
     dev = torch.device("cuda", 1)
     assert backends.resolve("auto", dev).name == "triton"
-    monkeypatch.setitem(backends._loaded, "triton", None)  # no Triton: the reference serves it
+    monkeypatch.delitem(backends._registered, "triton")  # no Triton: the reference serves it
+    monkeypatch.setitem(backends._errors, "triton", "ImportError: no triton")
     assert backends.resolve("auto", dev).name == "reference"
     assert backends.resolve("auto", torch.device("cuda", 0)).name == "cuda"
     assert "cuda" not in backends.available_backends(dev)
@@ -173,7 +174,7 @@ def test_an_op_call_refuses_before_any_kernel(gpus):
 
 def test_under_compile_the_check_only_reads_what_eager_calls_found(gpus, monkeypatch):
     """Dynamo traces resolve(): the check asks torch.cuda nothing there, it reuses eager's answers."""
-    check = backends._loaded["cuda"].device_check
+    check = backends._registered["cuda"].device_check
     assert check(torch.device("cuda", 1)) is not None  # eager: asked and remembered
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert "Tesla V100" in check(torch.device("cuda", 1))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fanet_kernels as fk
 from fanet_kernels import ops, reference, zoo
-from fanet_kernels.modules import FAGate, FASequential, FAStages, SEBlock, collect_k
+from fanet_kernels.modules import FAGate, FASequential, FAStages, Residual, SEBlock, collect_k
 
 BACKENDS = ["reference"] + (["cpu"] if "cpu" in fk.available_backends() else [])
 
@@ -89,7 +89,7 @@ def test_chain_with_projections_equals_reference(backend):
     chain = FASequential(blocks, channels=widths[:3], projections=projections)
 
     def ref(m, x):
-        p = [None if q is None else m.proj[str(i)] for i, q in enumerate(projections)]
+        p = [None if q is None else m.projections[str(i)] for i, q in enumerate(projections)]
         return reference.fa_chain(x, list(m), [g.params() for g in m.fa], projections=p)[0]
 
     compare(chain, ref, torch.randn(3, 3, 16, 16), backend)
@@ -165,7 +165,7 @@ def test_fagate_parameters_and_errors():
     for call, name in ((lambda: FAGate(4, 1)(torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)), "channels=4"),
                        (lambda: FAGate(4, 1)(x, x, pooled_x=torch.rand(2, 5)), "'pooled_x'"),
                        (lambda: FAGate(4, 2)(x, x, [torch.rand(3)]), "'history'"),
-                       (lambda: FAGate(4, 1)(x, torch.randn(2, 8, 3, 3)), "'x_proj'"),
+                       (lambda: FAGate(4, 1)(x, torch.randn(2, 8, 3, 3)), "'projected'"),
                        (lambda: FAGate(4, 1, backend="gpu"), "'backend'"),
                        (lambda: FASequential([nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 16, 1)])(
                            torch.randn(2, 3, 4, 4)), r"FAGate\(index=2\).*'projections'")):
@@ -252,6 +252,6 @@ def test_residual_blocks_fuse_add_and_relu_into_the_gate(backend, monkeypatch):
     model.layers[1][2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     model(x)
     assert len(calls) == 5 and seen == [torch.Size([2, 32, 8, 8])]
-    with pytest.raises(ValueError, match="residual"):
-        FAGate(4, 1)(x[:, :1].expand(2, 4, 16, 16), x[:, :1].expand(2, 4, 16, 16), residual=True,
-                     x_proj=torch.zeros(2, 4, 16, 16))
+    with pytest.raises(ValueError, match="Residual"):
+        FAGate(4, 1)(x[:, :1].expand(2, 4, 16, 16), Residual(x[:, :1].expand(2, 4, 16, 16)),
+                     projected=torch.zeros(2, 4, 16, 16))

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_cases import TARGETS
 
-import fanet_kernels as fk
 from fanet_kernels import ops
-from op_cases import cuda_skip_reason
-
-FUSED = [b for b in fk.available_backends("cpu") if b != "reference"]
-pytestmark = pytest.mark.skipif(not FUSED, reason="no fused backend built (see README: pip install -e .)")
 
 ULPS = 4  # the floor of the bound, in units of float32 eps times the result's magnitude
 # (C, layout): an NCHW plane, channels_last rows shorter than a SIMD step (walked row by row) and
@@ -29,11 +25,8 @@ SMALL_SIDES = (64, 256)  # the Triton interpreter simulates every program in num
 
 
 def _cases():
-    targets = [(b, "cpu", []) for b in FUSED]
-    for b in ("cuda", "triton"):
-        reason = cuda_skip_reason(b)
-        targets.append((b, "cuda", [pytest.mark.cuda, pytest.mark.skipif(reason is not None, reason=reason or "")]))
-    for backend, device, marks in targets:
+    for target in TARGETS:
+        (backend, device), marks = target.values[0], target.marks
         for side in SMALL_SIDES if (backend, device) == ("triton", "cpu") else SIDES:
             for c, layout in LAYOUTS:
                 yield pytest.param((backend, device), side, c, layout, marks=marks,

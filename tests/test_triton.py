@@ -1,7 +1,7 @@
-"""Triton-specific tests: the launch heuristic, the int64-offset path, split reductions, the
-two-kernel focus path and the interpreter-vs-driver guard.  The op contract itself (every op,
-dtype and layout against the reference, opcheck, gradcheck) is tested by test_ops.py; the
-residual_gate_pool op pair (the RESIDUAL flag of the gate kernels) is tested here in full.
+"""Triton internals: the launch heuristic, the int64-offset path, split reductions, the two-kernel
+focus path, the interpreter-vs-driver guard and the kernels compiled for a GPU.  The op contract
+(every op, dtype and layout against the reference, opcheck, gradcheck) runs on the "triton" targets
+of the per-op files (test_gate.py, test_residual.py, test_bn_gate.py, test_focus.py).
 
 Without a GPU these run under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1).
 """
@@ -15,20 +15,19 @@ import sys
 
 import pytest
 import torch
+from op_cases import LAYOUTS, TOL, grads, k_dtype, make, make_focus_weights, make_k
+
+import fanet_kernels as fk
+from fanet_kernels import reference
 
 pytest.importorskip("triton")
-
-import fanet_kernels as fk  # noqa: E402
-from fanet_kernels import reference  # noqa: E402
-from op_cases import (DTYPES, LAYOUTS, SHAPES, TOL, grad_tol, grads, k_dtype, make,  # noqa: E402
-                      make_focus_weights, make_k)
-
 if "triton" not in fk.available_backends("cpu") and not torch.cuda.is_available():
     pytest.skip("the triton backend runs neither on CPU (no TRITON_INTERPRET=1) nor on a GPU here",
                 allow_module_level=True)
 
 import fanet_kernels.triton as ft  # noqa: E402
 from fanet_kernels.triton import bn_gate as ft_bn  # noqa: E402
+from fanet_kernels.triton import common  # noqa: E402
 from fanet_kernels.triton import focus as ft_focus  # noqa: E402
 from fanet_kernels.triton import gate as ft_gate  # noqa: E402
 
@@ -56,60 +55,60 @@ def _check_all_ops(shape, dtype=torch.float32, layouts=("contiguous", "channels_
 
 
 # ---- the heuristic ----------------------------------------------------------------------------
-@pytest.mark.parametrize("sz", [ft_gate.GPU_SIZES, ft_gate.INTERPRETER_SIZES], ids=["gpu", "interpreter"])
+@pytest.mark.parametrize("sz", [common.GPU_SIZES, common.INTERPRETER_SIZES], ids=["gpu", "interpreter"])
 @pytest.mark.parametrize("shape", [(1, 3, 7, 7), (2, 64, 64, 64), (256, 2048, 7, 7), (1, 16, 512, 512),
                                    (8, 5000, 1, 1), (2, 1, 1, 1)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pool_config_covers_the_tensor(sz, shape, channels_last):
     n, c, h, w = shape
-    cfg = ft_gate.pool_config(n, c, h * w, channels_last, sz)
+    cfg = common.pool_config(n, c, h * w, channels_last, sz)
     assert cfg.block_c * cfg.block_hw <= max(sz.tile, cfg.block_c)  # a tile, or one position's channels
     assert cfg.hw_per % cfg.block_hw == 0
     assert (cfg.split - 1) * cfg.hw_per < h * w <= cfg.split * cfg.hw_per  # every split has work
     assert cfg.num_warps in (2, 4, 8)
     for per_thread in (2, 4):  # kernels with more values per element: smaller tiles, still at most 8 warps
-        small = ft_gate.pool_config(n, c, h * w, channels_last, sz, per_thread)
-        assert small.block_c * small.block_hw <= max(ft_gate.tile_for(per_thread, sz), small.block_c)
+        small = common.pool_config(n, c, h * w, channels_last, sz, per_thread)
+        assert small.block_c * small.block_hw <= max(common.tile_for(per_thread, sz), small.block_c)
         assert small.num_warps in (2, 4, 8)
-        if sz is ft_gate.GPU_SIZES:
+        if sz is common.GPU_SIZES:
             assert small.block_c * small.block_hw <= per_thread * 32 * small.num_warps
-    block, iters, per_sample = ft_gate.flat_config(n, c * h * w, sz)
+    block, iters, per_sample = common.flat_config(n, c * h * w, sz)
     assert (per_sample - 1) * iters * block < c * h * w <= per_sample * iters * block
     assert 1 <= iters <= sz.max_iters
 
 
 def test_pool_config_gpu_choices():
     """The documented choices on a GPU: coalesced tiles per layout, H*W split when N*C is small."""
-    sz = ft_gate.GPU_SIZES
-    nchw = ft_gate.pool_config(2, 64, 4096, False, sz)
+    sz = common.GPU_SIZES
+    nchw = common.pool_config(2, 64, 4096, False, sz)
     assert (nchw.block_c, nchw.block_hw, nchw.split) == (4, 512, 2)   # long runs along a plane
-    nhwc = ft_gate.pool_config(2, 64, 4096, True, sz)
+    nhwc = common.pool_config(2, 64, 4096, True, sz)
     assert (nhwc.block_c, nhwc.block_hw) == (64, 32)                  # a position's channels
-    big = ft_gate.pool_config(256, 2048, 49, True, sz)
+    big = common.pool_config(256, 2048, 49, True, sz)
     assert big.split == 1 and big.block_c == 128                      # enough programs already
-    small = ft_gate.pool_config(1, 16, 512 * 512, False, sz)
+    small = common.pool_config(1, 16, 512 * 512, False, sz)
     assert small.split > 1 and small.split * (16 // small.block_c) <= 2 * sz.target_programs
-    assert ft_gate.flat_config(256, 64 * 56 * 56, sz) == (1024, 16, 13)
+    assert common.flat_config(256, 64 * 56 * 56, sz) == (1024, 16, 13)
 
 
 def test_config_depends_on_shape_only():
     """How sums are split (hence rounding) must not depend on the device, only on shapes."""
-    a = ft_gate.pool_config(3, 40, 300, False, ft_gate.GPU_SIZES)
-    assert a == ft_gate.pool_config(3, 40, 300, False, ft_gate.GPU_SIZES)
-    assert "target_programs" in ft_gate.Sizes.__dataclass_fields__
+    a = common.pool_config(3, 40, 300, False, common.GPU_SIZES)
+    assert a == common.pool_config(3, 40, 300, False, common.GPU_SIZES)
+    assert "target_programs" in common.Sizes.__dataclass_fields__
 
 
 # ---- code paths the suite's shapes may not reach ------------------------------------------
 def test_int64_offsets_path(monkeypatch):
     """Force the int64-offset kernels (used from 2**31 elements) on small tensors."""
-    monkeypatch.setattr(ft_gate, "INT64_THRESHOLD", 0)
-    assert ft_gate.need_int64(1)
+    monkeypatch.setattr(common, "INT64_THRESHOLD", 0)
+    assert common.need_int64(1)
     _check_all_ops((2, 5, 3, 7))
 
 
 def test_int64_threshold():
-    assert not ft_gate.need_int64(2**31 - 1) and ft_gate.need_int64(2**31)
-    assert ft_gate.need_int64(10, 2**31 + 5)
+    assert not common.need_int64(2**31 - 1) and common.need_int64(2**31)
+    assert common.need_int64(10, 2**31 + 5)
 
 
 def _record_int64(monkeypatch) -> dict[str, set]:
@@ -119,7 +118,7 @@ def _record_int64(monkeypatch) -> dict[str, set]:
     def record(kernel, grid, *args, num_warps, **meta):
         seen.setdefault(kernel.fn.__name__, set()).add(meta.get("INT64"))
 
-    for mod in (ft_gate, ft_bn, ft_focus):
+    for mod in (common, ft_gate, ft_bn, ft_focus):
         monkeypatch.setattr(mod, "launch", record)
     return seen
 
@@ -131,13 +130,13 @@ def test_int64_decision_at_hw_near_2_31(monkeypatch):
     pools such a plane with the split pool kernel, not its one-program-per-sample kernel).  Meta
     tensors: the launch code runs, no memory is allocated and no kernel runs."""
     seen = _record_int64(monkeypatch)
-    monkeypatch.setattr(ft_gate, "sizes", lambda: ft_gate.GPU_SIZES)
+    monkeypatch.setattr(common, "sizes", lambda: common.GPU_SIZES)
     n, c, h, w = shape = (1, 1, 1, 2**31 - 1000)
-    assert n * c * h * w < 2**31 and not ft_gate.need_int64(n * c * h * w)  # the element count says int32
+    assert n * c * h * w < 2**31 and not common.need_int64(n * c * h * w)  # the element count says int32
     for cl in (False, True):
-        cfg = ft_gate.pool_config(n, c, h * w, cl)
+        cfg = common.pool_config(n, c, h * w, cl)
         assert cfg.split * cfg.hw_per >= 2**31  # hw_lo + hw_per of the last split, in int32, would wrap
-        assert ft_gate.need_int64(cfg.reach(n, c, h * w, cl))
+        assert common.need_int64(cfg.reach(n, c, h * w, cl))
     fmt = torch.channels_last
 
     def meta(s, cl=False):
@@ -147,7 +146,7 @@ def test_int64_decision_at_hw_near_2_31(monkeypatch):
         x, z, g = meta(shape, cl), meta(shape, cl), meta(shape, cl)
         k, gp, wb = meta((n,)), meta((n, c)), meta((c,))
         ws = [meta((1, c)), meta((1,)), meta((1, 1)), meta((1,))]
-        ft_gate._gate_pool_impl(x, z, k)
+        ft_gate.gate_pool_impl(x, z, k)
         ft_gate._gate_backward_impl(g, gp, x, z, k)
         ft_bn._forward_impl(x, z, k, wb, wb, wb, wb, True, 1e-5)
         ft_bn._backward_impl(g, gp, x, z, k, wb, wb, wb, wb, True, 1e-5)
@@ -161,21 +160,21 @@ def test_int64_offsets_match_int32(monkeypatch):
     """The int64-offset kernels (every op, both layouts, split and multi-step reductions) give
     bit-identical results to the int32 ones: only the offsets' width differs."""
     dtype = torch.float32
-    tiny = ft_gate.Sizes(block=64, tile=64, max_block_hw=16, max_block_c=8, target_programs=8, max_iters=4)
-    monkeypatch.setattr(ft_gate, "INTERPRETER_SIZES", tiny)
-    monkeypatch.setattr(ft_gate, "GPU_SIZES", tiny)
+    tiny = common.Sizes(block=64, tile=64, max_block_hw=16, max_block_c=8, target_programs=8, max_iters=4)
+    monkeypatch.setattr(common, "INTERPRETER_SIZES", tiny)
+    monkeypatch.setattr(common, "GPU_SIZES", tiny)
     flags = []
-    real = ft_gate.launch
+    real = common.launch
 
     def spy(kernel, grid, *args, **meta):
         flags.append(meta.get("INT64"))
         real(kernel, grid, *args, **meta)
 
-    for mod in (ft_gate, ft_bn, ft_focus):
+    for mod in (common, ft_gate, ft_bn, ft_focus):
         monkeypatch.setattr(mod, "launch", spy)
     shape = (2, 6, 9, 11)
-    assert all(ft_gate.pool_config(2, 6, 99, cl).split > 1 for cl in (False, True))
-    assert ft_gate.flat_config(2, 6 * 99)[1] > 1
+    assert all(common.pool_config(2, 6, 99, cl).split > 1 for cl in (False, True))
+    assert common.flat_config(2, 6 * 99)[1] > 1
 
     def run() -> list[torch.Tensor]:
         results = []
@@ -198,7 +197,7 @@ def test_int64_offsets_match_int32(monkeypatch):
     want = run()
     assert flags and not any(f for f in flags if f is not None)
     flags.clear()
-    monkeypatch.setattr(ft_gate, "INT64_THRESHOLD", 0)
+    monkeypatch.setattr(common, "INT64_THRESHOLD", 0)
     got = run()
     assert flags and all(f for f in flags if f is not None)
     for a, b in zip(got, want, strict=True):
@@ -207,13 +206,13 @@ def test_int64_offsets_match_int32(monkeypatch):
 
 def test_split_and_multi_step_reductions(monkeypatch):
     """Tiny sizes force H*W splits (partial sums + second reduction) and multi-step flat loops."""
-    tiny = ft_gate.Sizes(block=32, tile=32, max_block_hw=8, max_block_c=4, target_programs=16, max_iters=4)
-    monkeypatch.setattr(ft_gate, "INTERPRETER_SIZES", tiny)
-    monkeypatch.setattr(ft_gate, "GPU_SIZES", tiny)
+    tiny = common.Sizes(block=32, tile=32, max_block_hw=8, max_block_c=4, target_programs=16, max_iters=4)
+    monkeypatch.setattr(common, "INTERPRETER_SIZES", tiny)
+    monkeypatch.setattr(common, "GPU_SIZES", tiny)
     shape = (2, 6, 9, 11)
     for cl in (False, True):
-        assert ft_gate.pool_config(2, 6, 99, cl).split > 1
-    assert ft_gate.flat_config(2, 6 * 99)[1] > 1
+        assert common.pool_config(2, 6, 99, cl).split > 1
+    assert common.flat_config(2, 6 * 99)[1] > 1
     _check_all_ops(shape)
 
 
@@ -253,198 +252,6 @@ def test_mixed_k_and_weight_dtypes():
     assert [g.dtype for g in grads] == [torch.bfloat16] + [torch.float16] * 4
 
 
-# ---- opcheck of the backward ops (the forward ones are in test_ops.py) ----------------------
-@pytest.mark.parametrize("case", ["gate_backward", "gate_pool_backward", "gate_pool_backward_no_out",
-                                  "gate_pool_backward_no_pooled", "residual_gate_pool_backward",
-                                  "residual_gate_pool_backward_no_out", "residual_gate_pool_backward_no_pooled",
-                                  "focus_backward"])
-def test_opcheck_backward_ops(case):
-    shape = (2, 4, 3, 3)
-    x, u, g = (make(shape, torch.float32, "channels_last", device=DEVICE, seed=s) for s in range(3))
-    k, gp = make_k(2, device=DEVICE), torch.randn(2, 4, device=DEVICE)
-    op, args = {
-        "gate_backward": (OPS.gate_backward, (g, x, u, k)),
-        "gate_pool_backward": (OPS.gate_pool_backward, (g, gp, x, u, k)),
-        "gate_pool_backward_no_out": (OPS.gate_pool_backward, (None, gp, x, u, k)),
-        "gate_pool_backward_no_pooled": (OPS.gate_pool_backward, (g, None, x, u, k)),
-        "residual_gate_pool_backward": (OPS.residual_gate_pool_backward, (g, gp, x, u, k)),
-        "residual_gate_pool_backward_no_out": (OPS.residual_gate_pool_backward, (None, gp, x, u, k)),
-        "residual_gate_pool_backward_no_pooled": (OPS.residual_gate_pool_backward, (g, None, x, u, k)),
-        "focus_backward": (OPS.focus_backward,
-                           (torch.randn(2, device=DEVICE), x, *make_focus_weights(4, device=DEVICE))),
-    }[case]
-    torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-
-
-def test_backward_ops_match_the_cpp_ops():
-    """Same results as the C++ backward ops, None inputs included."""
-    if "cpu" not in fk.available_backends("cpu") or DEVICE != "cpu":
-        pytest.skip("needs the C++ CPU ops and the interpreter")
-    x, u, g = (make((2, 3, 4, 5), torch.float32, "contiguous", seed=s) for s in range(3))
-    k, gp = make_k(2), torch.randn(2, 3)
-    for go, gpo in ((g, gp), (None, gp), (g, None)):
-        for a, b in zip(OPS.gate_pool_backward(go, gpo, x, u, k), torch.ops.fanet.gate_pool_backward(go, gpo, x, u, k)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        for a, b in zip(OPS.residual_gate_pool_backward(go, gpo, x, u, k),
-                        torch.ops.fanet.residual_gate_pool_backward(go, gpo, x, u, k)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(OPS.residual_gate_pool(x, u, k), torch.ops.fanet.residual_gate_pool(x, u, k)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-# ---- residual_gate_pool: gate_pool with u = relu(branch + x) formed in the kernels -------------
-# Small cases (the interpreter is slow): one sample, one channel, 1x1 maps, odd H x W, empty batch.
-RESIDUAL_SHAPES = ["N0", "N1", "C1", "HW1", "13x17"]
-
-
-def _residual_inputs(shape, dtype, layout, requires_grad=False, margin=0.0):
-    """x, branch, k; with a margin, branch is moved so that |branch + x| >= margin (away from
-    the ReLU's kink, for finite differences)."""
-    x = make(shape, dtype, layout, device=DEVICE, seed=0)
-    b = make(shape, dtype, layout, device=DEVICE, seed=1)
-    if margin:
-        with torch.no_grad():
-            b += torch.where((b + x).abs() < margin, 2 * margin, 0).to(dtype)
-    k = make_k(shape[0], k_dtype(dtype), device=DEVICE)
-    return [t.requires_grad_(requires_grad) for t in (x, b, k)]
-
-
-def _expected_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("sname", RESIDUAL_SHAPES)
-def test_residual_forward_matches_reference(sname, dname, layout):
-    dtype, shape = DTYPES[dname], SHAPES[sname]
-    x, b, k = _residual_inputs(shape, dtype, layout)
-    out, pooled = fk.ops.residual_gate_pool(x, b, k, backend="triton")
-    raw_out, raw_pooled = OPS.residual_gate_pool(x, b, k)
-    ref_out, ref_pooled = reference.residual_gate_pool(x, b, k)
-    for got, want in ((out, ref_out), (raw_out, ref_out), (pooled, ref_pooled), (raw_pooled, ref_pooled)):
-        torch.testing.assert_close(got, want, **TOL[dtype])
-    assert out.dtype == pooled.dtype == dtype and pooled.shape == shape[:2]
-    assert out.is_contiguous(memory_format=_expected_format(x))
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dname", ["f32", "f64", "bf16"])
-@pytest.mark.parametrize("sname", [s for s in RESIDUAL_SHAPES if s != "N0"])
-def test_residual_backward_matches_reference(sname, dname, layout):
-    dtype = DTYPES[dname]
-    inputs = _residual_inputs(SHAPES[sname], dtype, layout, requires_grad=True)
-    fused = grads(lambda *a: fk.ops.residual_gate_pool(*a, backend="triton"), inputs)
-    ref = grads(reference.residual_gate_pool, inputs)
-    for i, (a, b) in enumerate(zip(fused, ref)):
-        tol = TOL[dtype] if i < 2 else grad_tol(dtype)  # grad_x, grad_branch per element; grad_k a sum
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {i} of residual_gate_pool: {m}")
-        assert a.dtype == inputs[i].dtype
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dname", ["f32", "f64", "bf16"])
-def test_residual_backward_op_with_missing_grads(dname, layout):
-    """The backward op with grad_out or grad_pooled None (an output unused) equals autograd of the
-    reference with a zero gradient for that output."""
-    dtype = DTYPES[dname]
-    x, b, k = _residual_inputs((2, 3, 5, 3), dtype, layout, requires_grad=True)
-    ref_out, ref_pooled = reference.residual_gate_pool(x, b, k)
-    g = make(x.shape, dtype, layout, device=DEVICE, seed=3)
-    gp = torch.randn(2, 3, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
-    for go, gpo in ((g, gp), (None, gp), (g, None)):
-        got = OPS.residual_gate_pool_backward(go, gpo, x.detach(), b.detach(), k.detach())
-        want = torch.autograd.grad((ref_out, ref_pooled), (x, b, k), retain_graph=True,
-                                   grad_outputs=(torch.zeros_like(g) if go is None else go,
-                                                 torch.zeros_like(gp) if gpo is None else gpo))
-        for i, (a, w) in enumerate(zip(got, want)):
-            torch.testing.assert_close(a, w, **(TOL[dtype] if i < 2 else grad_tol(dtype)))
-        assert got[0].is_contiguous(memory_format=_expected_format(x))
-    for pick in (0, 1):  # autograd through the op with one output unused
-        fused = grads(lambda *a: OPS.residual_gate_pool(*a)[pick], [x, b, k])
-        ref = grads(lambda *a: reference.residual_gate_pool(*a)[pick], [x, b, k])
-        for i, (a, w) in enumerate(zip(fused, ref)):
-            torch.testing.assert_close(a, w, **(TOL[dtype] if i < 2 else grad_tol(dtype)))
-
-
-@pytest.mark.parametrize("dname", ["f32", "bf16"])
-def test_residual_relu_boundary_and_nan(dname):
-    """torch's ReLU rule: u = 0 and grad_branch = 0 where branch + x == 0 exactly; NaN passes
-    through both (as relu and threshold_backward let it)."""
-    dtype = DTYPES[dname]
-    x, b, k = _residual_inputs((2, 3, 4, 5), dtype, "contiguous")
-    with torch.no_grad():
-        b[:, :, :2] = -x[:, :, :2]  # branch + x == +0 exactly
-        b[1, 2, 3, 4] = float("nan")
-    x, b, k = (t.requires_grad_() for t in (x, b, k))
-    out, pooled = OPS.residual_gate_pool(x, b, k)
-    ref_out, ref_pooled = reference.residual_gate_pool(x, b, k)
-    torch.testing.assert_close(out, ref_out, **TOL[dtype], equal_nan=True)
-    torch.testing.assert_close(pooled, ref_pooled, **TOL[dtype], equal_nan=True)
-    assert out[1, 2, 3, 4].isnan() and pooled[1, 2].isnan() and not pooled[0].isnan().any()
-    g = make(x.shape, dtype, "contiguous", device=DEVICE, seed=3)
-    got = torch.autograd.grad(out, (x, b, k), g)
-    want = torch.autograd.grad(ref_out, (x, b, k), g)
-    for i, (a, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(a, w, **(TOL[dtype] if i < 2 else grad_tol(dtype)), equal_nan=True)
-    gb = got[1]
-    assert (gb[:, :, :2] == 0).all()
-    torch.testing.assert_close(gb[1, 2, 3, 4], (g[1, 2, 3, 4].float() * k[1].float()).to(dtype))
-    assert got[2][1].isnan() and not got[2][0].isnan()  # grad_k of the sample holding the NaN
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_residual_opcheck(layout):
-    x, b, k = _residual_inputs((2, 6, 3, 5), torch.float32, layout, requires_grad=True)
-    torch.library.opcheck(OPS.residual_gate_pool.default, (x, b, k))
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_residual_gradcheck_float64(layout):
-    inputs = _residual_inputs((2, 2, 3, 3), torch.float64, layout, requires_grad=True, margin=1e-3)
-    assert torch.autograd.gradcheck(lambda *a: fk.ops.residual_gate_pool(*a, backend="triton"), inputs)
-
-
-def _bad_residual_cases(dev: str):
-    x = torch.randn(2, 3, 4, 4, device=dev)
-    b, k = torch.randn_like(x), torch.rand(2, device=dev)
-    return {
-        "branch shape": ((x, b[:, :2], k), "'branch'"),
-        "branch 3-D": ((x, b[0], k), "'branch'"),
-        "branch dtype": ((x, b.double(), k), "'branch'"),
-        "branch integer": ((x, b.long(), k), "'branch'"),
-        "branch device": ((x, b.to("meta"), k), "'branch'"),
-        "k shape": ((x, b, torch.rand(3, device=dev)), "'k'"),
-        "x 3-D": ((x[0], b, k), "'x'"),
-    }
-
-
-@pytest.mark.parametrize("case", list(_bad_residual_cases("cpu")))
-def test_residual_bad_input_names_argument(case):
-    """Errors name 'branch' (not 'u'), from the Python entry, the raw forward and backward ops and
-    their fake kernels (meta tensors)."""
-    args, name = _bad_residual_cases(DEVICE)[case]
-    g = torch.randn(2, 3, 4, 4, device=DEVICE)
-    calls = [lambda: fk.ops.residual_gate_pool(*args, backend="triton"), lambda: OPS.residual_gate_pool(*args),
-             lambda: OPS.residual_gate_pool_backward(g, None, *args)]
-    if all(t.device.type != "meta" for t in args):  # the fake kernels see the same arguments on meta
-        meta = [t.to("meta") for t in args]
-        calls += [lambda: OPS.residual_gate_pool(*meta),
-                  lambda: OPS.residual_gate_pool_backward(g.to("meta"), None, *meta)]
-    for call in calls:
-        with pytest.raises((ValueError, TypeError, RuntimeError), match=name):
-            call()
-
-
-def test_residual_backend_entry():
-    """The Backend exposes the fused op (not the add + ReLU + gate_pool fallback of ops.py)."""
-    assert ft.BACKEND.residual_gate_pool is not None
-    x, b, k = _residual_inputs((1, 2, 3, 3), torch.float32, "contiguous")
-    out = ft.BACKEND.residual_gate_pool(x, b, k)
-    assert isinstance(out, tuple) and len(out) == 2
-
-
 # ---- the interpreter-vs-driver guard ---------------------------------------------------------
 def test_guard_under_this_process():
     assert ft.INTERPRET == (os.environ.get("TRITON_INTERPRET") == "1")
@@ -453,8 +260,8 @@ def test_guard_under_this_process():
     if not ft.AUTOTUNE:  # plain kernels: the heuristic's configs are used as they are
         import triton
 
-        assert not isinstance(ft_gate.pool_kernel, triton.runtime.Autotuner)
-    assert ft_gate.sizes() is (ft_gate.INTERPRETER_SIZES if ft.INTERPRET else ft_gate.GPU_SIZES)
+        assert not isinstance(common.pool_kernel, triton.runtime.Autotuner)
+    assert common.sizes() is (common.INTERPRETER_SIZES if ft.INTERPRET else common.GPU_SIZES)
 
 
 def test_autotune_wrapper_builds_configs(monkeypatch):
@@ -462,9 +269,9 @@ def test_autotune_wrapper_builds_configs(monkeypatch):
     buffers the heuristic sized stay valid)."""
     import triton
 
-    monkeypatch.setattr(ft_gate, "AUTOTUNE", True)
+    monkeypatch.setattr(common, "AUTOTUNE", True)
 
-    @ft_gate.maybe_autotune(key=["n"])
+    @common.maybe_autotune(key=["n"])
     @triton.jit
     def kernel(p, n):
         pass
@@ -480,9 +287,9 @@ def test_autotune_restores_what_a_kernel_updates_in_place(monkeypatch):
     or the first call on a new shape would apply the update several times."""
     import triton
 
-    monkeypatch.setattr(ft_gate, "AUTOTUNE", True)
+    monkeypatch.setattr(common, "AUTOTUNE", True)
 
-    @ft_gate.maybe_autotune(key=["n"], restore_value=["p"])
+    @common.maybe_autotune(key=["n"], restore_value=["p"])
     @triton.jit
     def kernel(p, n):
         pass
@@ -520,13 +327,16 @@ def test_missing_triton_makes_backend_unavailable():
 
 # ---- the real compiler path, without a GPU ------------------------------------------------------
 _COMPILE_ALL = r'''
-import itertools, triton, triton.language as tl
+import inspect, itertools, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fanet_kernels.triton import bn_gate as B, focus as Fo, gate as G
+from fanet_kernels.triton import bn_gate as B, common as C, focus as Fo, gate as G
 
 def compile_(fn, sig, consts):
     fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+    # constexprs left out take their defaults (the launches that do not pass them)
+    consts = {**{p.name: p.default for p in inspect.signature(fn.fn).parameters.values()
+                 if p.default is not p.empty and p.name not in sig}, **consts}
     sig = dict(sig, **{k: "constexpr" for k in consts})
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 80, 32),
                        options={"num_warps": 4})
@@ -538,7 +348,7 @@ for dt, cl, int64 in [("fp32", False, False), ("fp64", True, True), ("bf16", Tru
     compile_(G._gate_flat_kernel, {"x_ptr": x, "u_ptr": x, "k_ptr": a, "out_ptr": x, "numel": "i32", "M": "i32"},
              {"INT64": int64, "BLOCK": 1024, "ACC": acc})
     for gate, residual, norm in [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]:
-        compile_(G.pool_kernel, {"x_ptr": x, "u_ptr": x, "k_ptr": a, "out_ptr": x, "sums_ptr": a, "norm_ptr": a,
+        compile_(C.pool_kernel, {"x_ptr": x, "u_ptr": x, "k_ptr": a, "out_ptr": x, "sums_ptr": a, "norm_ptr": a,
                                  **{k: i[k] for k in ("N", "C", "HW", "hw_per", "divisor")}},
                  {"GATE": gate, "RESIDUAL": residual, "CHANNELS_LAST": cl, "INT64": int64, "BLOCK_C": 64 if cl else 4,
                   "BLOCK_HW": 32 if cl else 512, "ACC": acc, "NORM": norm})
@@ -580,7 +390,7 @@ def test_kernels_compile_for_a_gpu():
     assert "compiled" in r.stdout
 
 
-@pytest.mark.parametrize("sz", [ft_gate.GPU_SIZES, ft_gate.INTERPRETER_SIZES], ids=["gpu", "interpreter"])
+@pytest.mark.parametrize("sz", [common.GPU_SIZES, common.INTERPRETER_SIZES], ids=["gpu", "interpreter"])
 @pytest.mark.parametrize("shape", [(1, 3, 2048, 2048), (64, 64, 512, 512), (256, 2048, 7, 7), (2, 8, 4096, 4096)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pool_sums_are_short_at_any_plane_size(sz, shape, channels_last):
@@ -589,7 +399,7 @@ def test_pool_sums_are_short_at_any_plane_size(sz, shape, channels_last):
     float32 sum over a whole plane would grow its error with H*W."""
     n, c, h, w = shape
     for per_thread in (2, 4, 8):
-        cfg = ft_gate.pool_config(n, c, h * w, channels_last, sz, per_thread=per_thread)
+        cfg = common.pool_config(n, c, h * w, channels_last, sz, per_thread=per_thread)
         assert cfg.hw_per // cfg.block_hw <= sz.max_steps
         assert (cfg.split - 1) * cfg.hw_per < h * w <= cfg.split * cfg.hw_per
 
@@ -597,9 +407,9 @@ def test_pool_sums_are_short_at_any_plane_size(sz, shape, channels_last):
 def test_pool_precision_at_a_long_plane(monkeypatch):
     """Tiny tiles make a 1x2x256x256 plane a long sum (thousands of loop steps per channel under the
     old running sum): pooled means within a few float32 ulps of float64, as torch.mean's."""
-    tiny = ft_gate.Sizes(block=64, tile=64, max_block_hw=16, max_block_c=8, target_programs=8, max_steps=8)
-    monkeypatch.setattr(ft_gate, "INTERPRETER_SIZES", tiny)
-    monkeypatch.setattr(ft_gate, "GPU_SIZES", tiny)
+    tiny = common.Sizes(block=64, tile=64, max_block_hw=16, max_block_c=8, target_programs=8, max_steps=8)
+    monkeypatch.setattr(common, "INTERPRETER_SIZES", tiny)
+    monkeypatch.setattr(common, "GPU_SIZES", tiny)
     for cl in (False, True):
         x = make((1, 2, 256, 256), torch.float32, "channels_last" if cl else "contiguous", device=DEVICE) + 3
         u = make((1, 2, 256, 256), torch.float32, "contiguous", device=DEVICE, seed=1)

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from . import thp
 from .errors import CliError, FlagError
 
 # Under torchrun, how long rank 0 waits after reporting a flag mistake before it exits, so that
@@ -79,9 +80,18 @@ def _report(line: str, flag_error: bool = False) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    train, compare and eval run with ``THP_MEM_ALLOC_ENABLE=1`` on Linux unless the environment sets
+    it or ``--no-thp`` is given (:mod:`fanet_kernels.cli.thp`); with ``argv`` given (main() called
+    in-process) the variable is restored afterwards and the process is never re-executed."""
+    saved_thp = os.environ.get(thp.ENV)
     try:
         args = build_parser().parse_args(argv)
+        if hasattr(args, "no_thp"):
+            status = thp.setup(off=args.no_thp, may_reexec=argv is None)
+            if status is not None and int(os.environ.get("RANK", "0")) == 0:
+                print(status.line(), flush=True)
         return int(args.func(args) or 0)
     except CliError as exc:
         return _report(f"fanet: error: {_one_line(exc)}", isinstance(exc, FlagError))
@@ -92,3 +102,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fanet: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is not None:
+            thp.restore(saved_thp)

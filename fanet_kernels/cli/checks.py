@@ -61,7 +61,7 @@ def backend(name: Any, device_type: str, what: str = "--backend") -> None:
     from fanet_kernels import backends
 
     try:
-        key = backends._check_name(name)
+        key = backends.check_name(name)
     except ValueError:
         raise FlagError(f"argument {what}: unknown backend {name!r}; choose from {', '.join(backends.NAMES)}") from None
     if key != "auto" and backends.load(key) is None:  # not built here: the backend's own reason

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from . import checks, distributed
+from . import checks, distributed, thp
 from .data import DATASETS, prepare_batch
 from .errors import CliError, FlagError, brief
 
@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on GPU)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
+    p.add_argument("--no-thp", action="store_true", help=thp.FLAG_HELP)
 
 
 def autocast(device: torch.device, enabled: bool, dtype: Optional[torch.dtype] = None):

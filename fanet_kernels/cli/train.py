@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 import fanet_kernels
 
 from . import checkpoint as ckpt
-from . import checks, distributed
+from . import checks, distributed, thp
 from .data import DATASETS, default_flip, default_pad, effective_image_size, load_dataset, prepare_batch
 from .errors import CliError, FlagError, brief
 from .evaluate import autocast, evaluate
@@ -94,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
     g.add_argument("--amp-dtype", choices=("fp16", "bf16"), help="default bf16 on CPU, fp16 on GPU")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no-thp", action="store_true", help=thp.FLAG_HELP)
 
 
 def select_backend(name: Optional[str], device: str) -> None:

@@ -4,7 +4,8 @@ Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_IN
 set before this package is first imported), which is how CI tests it without a GPU.
 Kernel families: ``fanet_kernels.triton.gate`` (gate, gate_pool, residual_gate_pool and their
 backward ops), ``fanet_kernels.triton.bn_gate`` (bn_residual_gate_pool, whose gate passes are
-gate's kernels with their NORM flag) and ``fanet_kernels.triton.focus``.
+gate's kernels with their NORM flag) and ``fanet_kernels.triton.focus``; what they share (guards,
+launch, heuristics, the pool kernel) is in ``fanet_kernels.triton.common``.
 """
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ except ImportError as exc:  # backends.load() reports this as "unavailable"
                       f"(pip install triton): {exc}") from exc
 
 from .. import reference
-from ..backends import Backend
-from ..ops import update_running_stats
-from . import bn_gate, focus, gate  # registers torch.ops.fanet_triton.*
-from .gate import AUTOTUNE, INTERPRET
+from ..backends import Backend, register, update_running_stats
+from . import bn_gate, common, focus, gate  # registers torch.ops.fanet_triton.*
+from .common import AUTOTUNE, INTERPRET
 
 
 def _gate_pool(x, u, k):
@@ -37,10 +37,28 @@ def _bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, tra
     return out, pooled
 
 
+def _bn_se_residual_gate_pool(x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training,
+                              momentum, eps):
+    out, pooled, mean, var, _ = bn_gate.bn_se_residual_gate_pool(x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2,
+                                                                 running_mean, running_var, training, eps)
+    update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
+    return out, pooled
+
+
+def _bn_se_residual(x, z, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training, momentum,
+                    eps):
+    out, mean, var, _ = bn_gate.bn_se_residual(x, z, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean,
+                                               running_var, training, eps)
+    update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
+    return out
+
+
 BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
                   gate=gate.gate, gate_pool=_gate_pool, focus=focus.focus,
                   residual_gate_pool=_residual_gate_pool, bn_residual_gate_pool=_bn_residual_gate_pool,
+                  bn_se_residual_gate_pool=_bn_se_residual_gate_pool, bn_se_residual=_bn_se_residual,
                   mlp=reference.mlp,  # a few tiny matrix products, no pass over activations: plain PyTorch
                   func_transforms=False)
+register(BACKEND)
 
-__all__ = ["AUTOTUNE", "BACKEND", "INTERPRET", "bn_gate", "focus", "gate"]
+__all__ = ["AUTOTUNE", "BACKEND", "INTERPRET", "bn_gate", "common", "focus", "gate"]

@@ -4,7 +4,7 @@ Forward, C <= FUSED_MAX_C and H*W within max_steps pool tiles (every network of 
 input sizes): one kernel, a program per sample, pools x[n] channel block by channel block into a
 row of a small (N, C) scratch buffer, then runs both Linear layers, the ReLU and the sigmoid on that
 row.  Beyond that one program per sample would pool too much alone (slowly, and with long running
-sums): the split channel-block pool kernel of gate.py runs first (many programs), then the MLP
+sums): the split channel-block pool kernel of common.py runs first (many programs), then the MLP
 kernel.  Backward recomputes the pool (focus returns only k'), does the tiny MLP
 backward as torch matmuls, and broadcasts grad_l / HW into grad_x in x's layout.
 """
@@ -15,17 +15,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .. import _validate
-from .gate import (PER_THREAD, acc_tl, channel_sums, check_device, device_of, div_ieee, exp_accurate,
-                   in_kernel_format, launch, maybe_autotune, need_int64, pool_config, sizes, tile_for, tile_sum,
-                   warps_for)
+from .. import _validate, opdefs
+from .common import (PER_THREAD, acc_tl, channel_sums, check_device, device_of, div_ieee, exp_accurate,
+                     in_kernel_format, launch, maybe_autotune, need_int64, pool_config, register_autograd, sizes,
+                     tile_for, tile_sum, warps_for)
 
 FUSED_MAX_C = 2048
 
 
 def mlp_config(c: int, h1: int, per_thread: int = PER_THREAD) -> tuple[int, int]:
     """(BLOCK_H, BLOCK_CM): w1 is read in tiles of (hidden units x channels) of a pool tile's size
-    (gate.tile_for), at most 256 channels wide so that wide layers still get several hidden units
+    (common.tile_for), at most 256 channels wide so that wide layers still get several hidden units
     per step."""
     block_cm = min(triton.next_power_of_2(max(c, 1)), 256)
     block_h = max(1, min(triton.next_power_of_2(h1), tile_for(per_thread) // block_cm))
@@ -146,17 +146,9 @@ def _focus_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     return k
 
 
-def _check_grad_k(grad_k: torch.Tensor, x: torch.Tensor) -> None:
-    _validate.check_float(grad_k, "grad_k")
-    _validate._need(grad_k.dim() == 1 and grad_k.shape[0] == x.shape[0],
-                    f"argument 'grad_k' must have shape ({x.shape[0]},), got {list(grad_k.shape)}")
-    _validate._need(grad_k.device == x.device,
-                    f"argument 'grad_k' must be on the device of x ({x.device}), got {grad_k.device}")
-
-
 def _focus_backward_impl(grad_k, x, w1, b1, w2, b2):
     x, (w1a, b1a, w2a, b2a), fmt, acc = _prepare(x, w1, b1, w2, b2)
-    _check_grad_k(grad_k, x)
+    _validate.check_grad_k(grad_k, x)
     n, c, h, w = x.shape
     hw = h * w
     # Recompute the pool and the MLP's activations (N x C and N x H1: tiny), then backprop.
@@ -193,26 +185,5 @@ def focus_backward(grad_k: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: 
         return _focus_backward_impl(grad_k, x, w1, b1, w2, b2)
 
 
-@focus.register_fake
-def _(x, w1, b1, w2, b2):
-    _validate.check_focus(x, w1, b1, w2, b2)
-    return x.new_empty((x.shape[0],))
-
-
-@focus_backward.register_fake
-def _(grad_k, x, w1, b1, w2, b2):
-    _validate.check_focus(x, w1, b1, w2, b2)
-    _check_grad_k(grad_k, x)
-    gx = _validate.empty_out(x)
-    return gx, w1.new_empty(w1.shape), b1.new_empty(b1.shape), w2.new_empty(w2.shape), b2.new_empty(b2.shape)
-
-
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _focus_bwd(ctx, grad_k):
-    return focus_backward(grad_k, *ctx.saved_tensors)
-
-
-focus.register_autograd(_focus_bwd, setup_context=_save_inputs)
+opdefs.register_fakes("fanet_triton", ["focus", "focus_backward"])
+register_autograd(focus, focus_backward)

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import FAStages, SEBlock
+from ..blocks import ResidualBlock, SEBlock
+from ..modules import FAStages
 from ..modules import out_channels as out_channels_of
 from ._api import ZooModel, make_head
 
@@ -37,14 +38,19 @@ class StagedNet(ZooModel):
     """The frame of the CIFAR ResNet and ResNeXt: a 3x3 conv + BN + ReLU stem (stride 2 for Tiny
     ImageNet, paper §IV.B), the stages (with ``fa``: every stage an FA chain plus the stage level,
     paper Fig. 4), global average pooling and a Linear head (none for ``num_classes=0``).
-    Feature points (``feature_info``): the stem and each stage (stride 2 from the second on)."""
+    Feature points (``feature_info``): the stem and each stage (stride 2 from the second on).
+    ``fuse=False``: every block runs its own eager tail (no BatchNorm, SE, add or ReLU inside a fused
+    op), for comparisons."""
 
     def __init__(self, stem_channels: int, stages: list[nn.Sequential], out_channels: int, num_classes: int,
-                 fa: bool, tiny_imagenet: bool, r1: int, r2: int, backend: Optional[str]):
+                 fa: bool, tiny_imagenet: bool, r1: int, r2: int, backend: Optional[str], fuse: bool = True):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, stem_channels, 3, 2 if tiny_imagenet else 1, 1, bias=False),
                                   nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True))
-        self.layers = FAStages(stages, r1=r1, r2=r2, backend=backend) if fa else nn.Sequential(*stages)
+        for block in (b for st in stages for b in st if isinstance(b, ResidualBlock)):
+            block.fuse_tail = fuse
+        self.layers = (FAStages(stages, r1=r1, r2=r2, backend=backend, fuse_residual=fuse) if fa
+                       else nn.Sequential(*stages))
         self.num_classes, self.num_features = num_classes, out_channels
         self.fc = make_head(out_channels, num_classes)
         init_weights(self)

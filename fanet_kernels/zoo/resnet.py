@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import ResidualBlock
+from ..blocks import ResidualBlock
 from ._common import StagedNet, conv_bn, maybe_se
 
 DEPTHS = (20, 32, 44, 56, 110)
@@ -36,7 +36,10 @@ class BasicBlock(ResidualBlock):
         return out if self.se is None else self.se(out)
 
     def branch_norm(self) -> Optional[nn.BatchNorm2d]:
-        return self.bn2 if self.se is None else None
+        return self.bn2
+
+    def branch_se(self) -> Optional[nn.Module]:
+        return self.se
 
     def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(F.relu(self.bn1(self.conv1(x))))
@@ -46,7 +49,8 @@ class CifarResNet(StagedNet):
     """Stages of n basic blocks with 16/32/64 channels; ``fa=True``: FA on blocks and stages."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10, se_reduction: Optional[int] = None, fa: bool = False,
-                 tiny_imagenet: bool = False, r1: int = 4, r2: int = 4, backend: Optional[str] = None):
+                 tiny_imagenet: bool = False, r1: int = 4, r2: int = 4, backend: Optional[str] = None,
+                 fuse: bool = True):
         if (depth - 2) % 6:
             raise ValueError(f"argument 'depth' must be 6n+2, got {depth}")
         n = (depth - 2) // 6
@@ -56,4 +60,4 @@ class CifarResNet(StagedNet):
                 BasicBlock(cin if b == 0 else width, width, 2 if (s > 0 and b == 0) else 1, se_reduction)
                 for b in range(n)]))
             cin = width
-        super().__init__(16, stages, 64, num_classes, fa, tiny_imagenet, r1, r2, backend)
+        super().__init__(16, stages, 64, num_classes, fa, tiny_imagenet, r1, r2, backend, fuse)

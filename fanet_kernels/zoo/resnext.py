@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import ResidualBlock
+from ..blocks import ResidualBlock
 from ._common import StagedNet, conv_bn, maybe_se
 
 
@@ -32,7 +32,10 @@ class ResNeXtBlock(ResidualBlock):
         return out if self.se is None else self.se(out)
 
     def branch_norm(self) -> Optional[nn.BatchNorm2d]:
-        return self.bn_expand if self.se is None else None
+        return self.bn_expand
+
+    def branch_se(self) -> Optional[nn.Module]:
+        return self.se
 
     def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn_reduce(self.conv_reduce(x)))
@@ -45,7 +48,7 @@ class CifarResNeXt(StagedNet):
 
     def __init__(self, depth: int = 29, cardinality: int = 8, base_width: int = 16, num_classes: int = 10,
                  se_reduction: Optional[int] = None, fa: bool = False, tiny_imagenet: bool = False,
-                 r1: int = 4, r2: int = 4, backend: Optional[str] = None):
+                 r1: int = 4, r2: int = 4, backend: Optional[str] = None, fuse: bool = True):
         if (depth - 2) % 9:
             raise ValueError(f"argument 'depth' must be 9n+2, got {depth}")
         n = (depth - 2) // 9
@@ -56,4 +59,4 @@ class CifarResNeXt(StagedNet):
                 ResNeXtBlock(cin if b == 0 else cout, cout, 2 if (s > 0 and b == 0) else 1, cardinality, width,
                              se_reduction) for b in range(n)]))
             cin = cout
-        super().__init__(64, stages, 1024, num_classes, fa, tiny_imagenet, r1, r2, backend)
+        super().__init__(64, stages, 1024, num_classes, fa, tiny_imagenet, r1, r2, backend, fuse)
