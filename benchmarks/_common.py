@@ -10,10 +10,29 @@ import pytest
 import torch
 
 import fanet_kernels as fk
+from fanet_kernels.cli import thp
 
 
 def is_quick(config: pytest.Config) -> bool:
     return bool(config.getoption("--fanet-quick")) or os.environ.get("FANET_BENCH_QUICK", "0") not in ("", "0")
+
+
+# This run's THP setting, set by conftest.pytest_configure (None: not Linux).
+THP_STATUS: Optional[thp.Status] = None
+
+
+def thp_setting() -> str:
+    """This run's THP_MEM_ALLOC_ENABLE as PyTorch read it: "1", "0" or "n/a" (not Linux); "1, without
+    effect" where it was set after PyTorch's first CPU allocation."""
+    if THP_STATUS is None:
+        return "n/a"
+    return THP_STATUS.value + (", without effect" if THP_STATUS.active is False else "")
+
+
+def op_families(config: pytest.Config, default: tuple[str, ...]) -> tuple[str, ...]:
+    """--fanet-ops as a tuple (``default`` when not given)."""
+    chosen = config.getoption("--fanet-ops")
+    return default if not chosen else tuple(op.strip() for op in chosen.split(",") if op.strip())
 
 
 def devices(config: pytest.Config) -> list[str]:

@@ -1,14 +1,18 @@
 """Network-level benchmark: one training step (forward + backward + SGD step) of ResNet-56
-against FA-ResNet-56 and FA-SE-ResNet-56 on CIFAR shapes.
+against SE-ResNet-56, FA-ResNet-56 and FA-SE-ResNet-56 on CIFAR shapes.
 
-One group per (batch, device); rows, in run order: ``resnet56`` eager and compiled,
-``se_resnet56`` eager (context for FA-SE), then for each FA network the fused backend(s) of
-the device, the ``reference`` backend (eager FA), ``compiled`` (torch.compile of the model on
+One group per (batch, device); rows, in run order: ``resnet56`` eager and compiled;
+``se_resnet56`` eager without the fold (every block's BatchNorm, SE, add and ReLU as eager
+ops: ``create_model(..., fuse=False)``) and with the fold on each fused backend (the block tail
+in one ``bn_se_residual`` op, the zoo's default); then for each FA network the fused backend(s)
+of the device, the ``reference`` backend (eager FA), ``compiled`` (torch.compile of the model on
 the reference backend) and ``compiled-<fused>`` (torch.compile of the model on a fused backend:
-Inductor compiles everything around the fused ops, which it calls as they are); compiled rows
-are compiled and warmed up before timing.  Each row's extra_info has the model's parameters and
-multiply-adds and its time overhead over ResNet-56 in the same mode (eager for fused/reference, compiled for
-compiled), beside the parameter and multiply-add overheads; eager FA rows also get
+Inductor compiles everything around the fused ops, which it calls as they are); FA-SE-ResNet-56
+also on each fused backend without the fold (every block's BatchNorm, SE, add and ReLU eager, only
+the FA gate and pool fused); compiled rows are compiled and warmed up before timing.  Rows without the
+fold have ids ending ``-nofold`` and ``fold: false`` in extra_info.  Each row's extra_info has the
+model's parameters and multiply-adds and its time overhead over ResNet-56 in the same mode (eager
+for fused/reference, compiled for compiled), beside the parameter and multiply-add overheads; eager FA rows also get
 ``paired_time_vs_resnet56``: the median ratio of the two steps timed back to back (15 pairs;
 ``paired_iqr`` its quartiles), so a load change between rows
 (shared machine) does not enter the ratio.
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 import fanet_kernels as fk
 
-from _common import devices, fused_backends, is_quick, median_seconds, sync
+from _common import devices, fused_backends, is_quick, median_seconds, sync, thp_setting
 
 try:
     zoo = importlib.import_module("fanet_kernels.zoo")
@@ -48,6 +52,7 @@ class NetCase:
     impl: str  # eager | compiled (resnet56); <fused backend> | reference | compiled | compiled-<fused> (FA)
     batch: int
     device: str
+    fold: bool = True  # False: create_model(..., fuse=False), every block's tail as eager ops
 
     @property
     def compiled(self) -> bool:
@@ -65,7 +70,7 @@ class NetCase:
 
     @property
     def id(self) -> str:
-        return f"{self.model}-{self.impl}-b{self.batch}-{self.device}"
+        return f"{self.model}-{self.impl}-b{self.batch}-{self.device}" + ("" if self.fold else "-nofold")
 
 
 def net_cases(config: pytest.Config) -> list[NetCase]:
@@ -79,10 +84,13 @@ def net_cases(config: pytest.Config) -> list[NetCase]:
         fused = fused_backends(device)
         compiled_fused = () if quick else tuple(f"compiled-{b}" for b in fused)
         out += [NetCase(BASE, impl, batch, device) for impl in ("eager", *compiled)]
-        out.append(NetCase(SE_BASE, "eager", batch, device))
+        out.append(NetCase(SE_BASE, "eager", batch, device, fold=False))
+        out += [NetCase(SE_BASE, impl, batch, device) for impl in fused]
         for model in FA_MODELS:
             out += [NetCase(model, impl, batch, device)
                     for impl in (*fused, "reference", *compiled, *compiled_fused)]
+            if model == "fa_se_resnet56":
+                out += [NetCase(model, impl, batch, device, fold=False) for impl in fused]
     return out
 
 
@@ -118,15 +126,22 @@ def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 # Per model: (parameters, multiply-adds per image), and the step medians of the run.
 _complexity: dict[str, tuple[int, int]] = {}
-_medians: dict[tuple[str, str], float] = {}
+_medians: dict[tuple[str, str, bool], float] = {}
+
+
+def complexity_of(name: str, device: str, model: Optional[torch.nn.Module] = None) -> tuple[int, int]:
+    """(parameters, multiply-adds per image) of zoo model ``name``, counted once."""
+    if name not in _complexity:
+        model = model or zoo.create_model(name, num_classes=NUM_CLASSES).to(device)
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _complexity[name] = (params, count_macs(model, torch.randn(1, 3, 32, 32, device=device)))
+    return _complexity[name]
 
 
 def build(case: NetCase):
     torch.manual_seed(0)
-    model = zoo.create_model(case.model, num_classes=NUM_CLASSES).to(case.device)
-    if case.model not in _complexity:
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        _complexity[case.model] = (params, count_macs(model, torch.randn(1, 3, 32, 32, device=case.device)))
+    model = zoo.create_model(case.model, num_classes=NUM_CLASSES, fuse=case.fold).to(case.device)
+    complexity_of(case.model, case.device, model)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     backend = case.backend
@@ -184,23 +199,27 @@ def test_train_step(benchmark, net_case: NetCase, request: pytest.FixtureRequest
     quick = is_quick(request.config)
     benchmark.pedantic(step, rounds=3 if quick else 5, warmup_rounds=0, iterations=1)
 
-    params, macs = _complexity[case.model]
-    base_params, base_macs = _complexity.get(BASE, (params, macs))
+    params, macs = complexity_of(case.model, case.device)
+    base_params, base_macs = complexity_of(BASE, case.device)
     info = benchmark.extra_info
-    info.update(model=case.model, impl=case.impl, batch=case.batch, device=case.device, params=params,
+    info.update(model=case.model, impl=case.impl, fold=case.fold, batch=case.batch, device=case.device,
+                thp_mem_alloc_enable=thp_setting(), params=params,
                 macs_per_image=macs, params_overhead=round(params / base_params - 1, 5),
                 macs_overhead=round(macs / base_macs - 1, 5))
+    if "se_" in case.model and case.backend != "reference":  # without its kernels the fold runs the reference
+        impl = fk.backends.load(case.backend)
+        info["fused_se_kernel"] = None not in (impl.bn_se_residual, impl.bn_se_residual_gate_pool)
     t: Optional[float] = median_seconds(benchmark)
     if t is None:
         return
-    _medians[(case.model, case.impl)] = t
+    _medians[(case.model, case.impl, case.fold)] = t
     if case.model != BASE and not compiled:
         med, q1, q3 = paired_ratio(step, case, rounds=3 if quick else 15)
         info["paired_time_vs_resnet56"] = round(med, 4)
         info["paired_iqr"] = [round(q1, 4), round(q3, 4)]
     base_impl = "compiled" if compiled else "eager"
-    if (BASE, base_impl) in _medians:
-        info["time_vs_resnet56"] = round(t / _medians[(BASE, base_impl)], 4)
+    if (BASE, base_impl, True) in _medians:
+        info["time_vs_resnet56"] = round(t / _medians[(BASE, base_impl, True)], 4)
         info["time_vs_resnet56_mode"] = base_impl
-    if case.model.startswith("fa_se_") and not compiled and (SE_BASE, "eager") in _medians:
-        info["time_vs_se_resnet56"] = round(t / _medians[(SE_BASE, "eager")], 4)
+    if case.model.startswith("fa_se_") and not compiled and (SE_BASE, "eager", False) in _medians:
+        info["time_vs_se_resnet56"] = round(t / _medians[(SE_BASE, "eager", False)], 4)

@@ -1,5 +1,5 @@
-"""Op-level benchmarks of fanet::gate_pool, residual_gate_pool, bn_residual_gate_pool, gate and focus
-(SPEC §5).
+"""Op-level benchmarks of fanet::gate_pool, residual_gate_pool, bn_residual_gate_pool,
+bn_se_residual_gate_pool, bn_se_residual, gate and focus (SPEC §5).
 
 One pytest-benchmark group per (op, pass, shape, dtype, layout, device); its rows, in run
 order: ``clone`` (torch.clone of activation-sized tensors moving the same bytes: the copy
@@ -17,6 +17,12 @@ Bytes per call, with S the bytes of one activation tensor (SPEC §5):
   reads x, z and writes out), forward+backward 4·S + 8·S = 12·S (its first backward pass reads
   grad_out, x, z and writes grad_x, grad_B; the second reads grad_B, z and writes grad_z).  Its
   reference is F.batch_norm followed by the residual block's add + ReLU and gate_pool.
+  bn_se_residual_gate_pool (training mode): the same bytes, 4·S forward (z read twice: the batch
+  statistics with the SE squeeze, then the output pass with x; out written; the pool is (N, C)) and
+  4·S + 8·S = 12·S forward+backward.  Its reference is the eager tail of an SE residual block:
+  F.batch_norm, the SE block (mean, two linear layers, sigmoid, scale), the add + ReLU, then gate_pool.
+  bn_se_residual (no gate, no pool: an SE network without FA): the same 4·S and 12·S; its reference
+  is that tail without the gate_pool.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ import torch
 import fanet_kernels as fk
 from fanet_kernels import reference
 
-from _common import compile_fresh, devices, fused_backends, is_quick, record, run_benchmark, time_median
+from _common import (compile_fresh, devices, fused_backends, is_quick, op_families, record, run_benchmark, thp_setting,
+                     time_median)
 
 # Activation shapes (N, C, H, W) of the networks FA is deployed in.
 SHAPES = {
@@ -40,13 +47,18 @@ QUICK_SHAPES = {"resnet56": [(128, 32, 16, 16)], "resnext29": [(128, 1024, 8, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PASSES = ("fwd", "fwd+bwd")
-FULL_OPS = ("gate_pool", "residual_gate_pool", "bn_residual_gate_pool", "gate", "focus")
+FULL_OPS = ("gate_pool", "residual_gate_pool", "bn_residual_gate_pool", "bn_se_residual_gate_pool", "bn_se_residual",
+            "gate", "focus")
+SE_OPS = ("bn_se_residual_gate_pool", "bn_se_residual")
+# The SE block's hidden width C // r: the zoo's r = 8 for the CIFAR ResNets, the usual 16 elsewhere.
+SE_REDUCTION = {"resnet56": 8, "resnext29": 16, "resnet50": 16}
 QUICK_OPS = ("gate_pool",)
 # Bytes moved per call, in units of S (see the module docstring).
 BYTES_IN_S = {("gate_pool", "fwd"): 3, ("gate_pool", "fwd+bwd"): 8, ("gate", "fwd"): 3, ("gate", "fwd+bwd"): 8,
               ("residual_gate_pool", "fwd"): 3, ("residual_gate_pool", "fwd+bwd"): 8,
               ("focus", "fwd"): 1, ("focus", "fwd+bwd"): 3,
-              ("bn_residual_gate_pool", "fwd"): 4, ("bn_residual_gate_pool", "fwd+bwd"): 12}
+              ("bn_residual_gate_pool", "fwd"): 4, ("bn_residual_gate_pool", "fwd+bwd"): 12,
+              **{(op, p): b for op in SE_OPS for p, b in (("fwd", 4), ("fwd+bwd", 12))}}
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ def cases(config: pytest.Config) -> list[Case]:
     out = []
     for device in devices(config):
         impls = ["clone", "reference", "compiled", *fused_backends(device)]
-        for op in QUICK_OPS if quick else FULL_OPS:
+        for op in op_families(config, QUICK_OPS if quick else FULL_OPS):
             for family, family_shapes in shapes.items():
                 for shape in family_shapes:
                     for dtype in DTYPES:
@@ -130,6 +142,11 @@ def inputs(case: Case) -> dict[str, torch.Tensor]:
         t["bn_weight"] = (1 + 0.1 * torch.randn(c, generator=gen)).to(case.device, dt)
         t["bn_bias"] = (0.1 * torch.randn(c, generator=gen)).to(case.device, dt)
         t["running_mean"], t["running_var"] = torch.zeros(c, device=case.device), torch.ones(c, device=case.device)
+        hidden = max(1, c // SE_REDUCTION[case.family])
+        t["se_w1"] = (torch.randn(hidden, c, generator=gen) / c ** 0.5).to(case.device, dt)
+        t["se_b1"] = (0.1 * torch.randn(hidden, generator=gen)).to(case.device, dt)
+        t["se_w2"] = (torch.randn(c, hidden, generator=gen) / hidden ** 0.5).to(case.device, dt)
+        t["se_b2"] = (0.1 * torch.randn(c, generator=gen)).to(case.device, dt)
         _inputs[case.group] = t
     return _inputs[case.group]
 
@@ -166,6 +183,13 @@ def make_call(case: Case):
         grads = (t["grad_out"], t["grad_pooled"])
         bn_fn, stats = fn, (t["running_mean"], t["running_var"])
         fn = lambda *a: bn_fn(*a, *stats)  # noqa: E731
+    elif case.op in SE_OPS:  # u as z, the branch before its BatchNorm (training mode)
+        gated = case.op == "bn_se_residual_gate_pool"
+        names = ("x", "u", *("k",) * gated, "bn_weight", "bn_bias", "se_w1", "se_b1", "se_w2", "se_b2")
+        leaves = [t[k].detach().requires_grad_(train) for k in names]
+        grads = (t["grad_out"], t["grad_pooled"]) if gated else (t["grad_out"],)
+        se_fn, stats = fn, (t["running_mean"], t["running_var"])
+        fn = lambda *a: se_fn(*a, *stats)  # noqa: E731
     else:
         leaves = [t[k].detach().requires_grad_(train) for k in ("x", "u", "k")]
         grads = (t["grad_out"],) if case.op == "gate" else (t["grad_out"], t["grad_pooled"])
@@ -185,7 +209,9 @@ def test_op(benchmark, case: Case, request: pytest.FixtureRequest) -> None:
     benchmark.group = case.group
     benchmark.extra_info.update(op=case.op, passes=case.passes, family=case.family, shape=list(case.shape),
                                 dtype=case.dtype, layout=case.layout, device=case.device, impl=case.impl,
-                                bytes_in_S=BYTES_IN_S[(case.op, case.passes)])
+                                bytes_in_S=BYTES_IN_S[(case.op, case.passes)], thp_mem_alloc_enable=thp_setting())
+    if case.impl not in ("clone", "reference", "compiled"):  # a backend without the op runs the reference
+        benchmark.extra_info["fused_kernel"] = getattr(fk.backends.load(case.impl), case.op, None) is not None
     fn = make_clone(case) if case.impl == "clone" else make_call(case)
     # Warm-up outside the timed region: compiles (torch.compile), autotunes, first-touches memory.
     for _ in range(2 if case.impl == "compiled" else 1):
