@@ -210,21 +210,22 @@ def test_fasequential_keeps_block_keys():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batchnorm_is_folded_only_where_it_ends_the_branch(backend, monkeypatch):
-    """With SE after the last BatchNorm (FA-SE-ResNet), or a hook on that BatchNorm, the chain runs
-    ``branch`` + ops.residual_gate_pool: the BatchNorm runs as a module."""
-    calls = {"bn": 0, "plain": 0}
-    for name, key in (("bn_residual_gate_pool", "bn"), ("residual_gate_pool", "plain")):
+    """With SE after the last BatchNorm (FA-SE-ResNet) the chain runs ops.bn_se_residual_gate_pool; with a
+    hook on that BatchNorm, ``branch`` + ops.residual_gate_pool: the BatchNorm runs as a module."""
+    calls = {"bn": 0, "plain": 0, "se": 0}
+    for name, key in (("bn_residual_gate_pool", "bn"), ("residual_gate_pool", "plain"),
+                      ("bn_se_residual_gate_pool", "se")):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _r=real, _k=key, **kw: calls.__setitem__(_k, calls[_k] + 1)
                             or _r(*a, **kw))
     x = torch.randn(2, 3, 16, 16)
     zoo.create_model("fa_se_resnet20", backend=backend)(x)
-    assert calls == {"bn": 0, "plain": 6}
+    assert calls == {"bn": 0, "plain": 0, "se": 6}
     model = zoo.create_model("fa_resnet20", backend=backend)
     seen = []
     model.layers[1][2].bn2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     model(x)
-    assert calls == {"bn": 5, "plain": 7} and seen == [torch.Size([2, 32, 8, 8])]
+    assert calls == {"bn": 5, "plain": 1, "se": 6} and seen == [torch.Size([2, 32, 8, 8])]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
