@@ -67,7 +67,7 @@ def _backend(name: str, device_check: Optional[Callable[[torch.device], Optional
 
 
 if HAS_EXTENSION:
-    opdefs.register_fakes("fanet", [name for name in opdefs.OPS if hasattr(torch.ops.fanet, name)])
+    opdefs.register_fakes("fanet")
     backends.register(_backend("cpu"))
     if cuda_kernels_built():
         # A GPU that the build carries no code for is refused when named (auto skips it) instead of failing
