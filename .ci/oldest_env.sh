@@ -12,12 +12,14 @@
 # The build is a plain `pip install -e .` (pip's isolated build, with no torch among its
 # requirements), so this also checks that the README's install command works as typed.
 # Environment: OLDEST_SPEC (pip requirements, also used as constraints), PYTHON (default
-# python3), MAX_JOBS (default 2).
+# python3), MAX_JOBS (default 2), OLDEST_CLEANUP=1 (delete .venv-oldest and build/oldest after a
+# pass: .ci/run sets it, to free the disk for the main environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OLDEST_SPEC:?set OLDEST_SPEC, e.g. OLDEST_SPEC=\"torch==2.11.0 triton==3.6.0 numpy<2.4\" (.ci/run sets it)}"
 PYTHON=${PYTHON:-python3}
 VENV=$PWD/.venv-oldest
+WORK=$PWD/build/oldest
 SRC=build/oldest/src
 T0=$(date +%s)
 log() { echo "oldest-env [$(( $(date +%s) - T0 ))s]: $*"; }
@@ -87,3 +89,7 @@ log "tests: pytest $OP_TESTS -m 'not cuda'"
 "$VPY" -m pytest $OP_TESTS -m "not cuda" -q -p no:cacheprovider \
   -W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"
 log "passed"
+if [ "${OLDEST_CLEANUP:-0}" = 1 ]; then
+  rm -rf "$VENV" "$WORK"
+  log "deleted $VENV and $WORK"
+fi
