@@ -49,6 +49,20 @@ LAYOUTS = ("contiguous", "channels_last", "strided")
 BAD_ERRORS = (ValueError, TypeError, RuntimeError)
 
 
+def over_cases(*, empty_batch: bool = True):
+    """Parametrizes a test over every shape of SHAPES (without N = 0 if not ``empty_batch``), dtype of
+    DTYPES and layout of LAYOUTS, as the arguments ``sname``, ``dname`` and ``layout``."""
+    shapes = list(SHAPES) if empty_batch else [s for s in SHAPES if s != "N0"]
+    marks = (pytest.mark.parametrize("sname", shapes), pytest.mark.parametrize("dname", list(DTYPES)),
+             pytest.mark.parametrize("layout", LAYOUTS))
+
+    def apply(fn):
+        for mark in marks:  # the innermost first, as stacked decorators apply
+            fn = mark(fn)
+        return fn
+    return apply
+
+
 def shape_of(name: str, target: tuple[str, str], shapes: dict = SHAPES) -> tuple[int, ...]:
     """shapes[name], or the target's own "large" case."""
     return LARGE_FOR.get(target, shapes[name]) if name == "large" else shapes[name]
@@ -70,6 +84,18 @@ def cpu_skip_reason(backend: str) -> str | None:
         return None
     reason = fk.backends.unavailable_reason(backend) or "it does not support CPU tensors"
     return f"backend {backend!r} not available for CPU tensors: {reason}"
+
+
+def triton_device() -> str:
+    """The device the triton backend runs on here ("cpu" under TRITON_INTERPRET=1, else "cuda");
+    skips the calling test module where it runs on neither."""
+    pytest.importorskip("triton")
+    if cpu_skip_reason("triton") is None:
+        return "cpu"
+    if cuda_skip_reason("triton") is None:
+        return "cuda"
+    pytest.skip("the triton backend runs neither on CPU (no TRITON_INTERPRET=1) nor on a GPU here",
+                allow_module_level=True)
 
 
 def _target(backend: str, device: str):
@@ -185,6 +211,12 @@ def grads(fn, inputs, seed: int = 5) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
     return torch.autograd.grad(loss, inputs)
+
+
+def fused_and_reference_grads(op: str, backend: str, inputs) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """grads() of the public op ``op`` on ``backend`` and of the reference's ``op``, with the same grad_out."""
+    return (grads(lambda *a: getattr(fk.ops, op)(*a, backend=backend), inputs),
+            grads(getattr(fk.reference, op), inputs))
 
 
 def assert_same_bits_at_any_thread_count(run) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import (BAD_ERRORS, DTYPES, LAYOUTS, SHAPES, TOL, assert_names_argument,
-                      assert_same_bits_at_any_thread_count, grad_tol, grads, k_dtype, make, make_focus_weights, opcheck,
-                      other_device, shape_of)
+from op_cases import (BAD_ERRORS, DTYPES, LAYOUTS, TOL, assert_names_argument, assert_same_bits_at_any_thread_count,
+                     fused_and_reference_grads, grad_tol, grads, k_dtype, make, make_focus_weights, opcheck,
+                     other_device, over_cases, shape_of)
 
 from fanet_kernels import ops, reference
 
@@ -19,9 +19,7 @@ def _focus_inputs(shape, dtype, layout, dev, requires_grad=False, **kw):
             *make_focus_weights(shape[1], k_dtype(dtype), device=dev, requires_grad=requires_grad, **kw)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("sname", list(SHAPES))
+@over_cases()
 def test_forward_matches_reference(target, sname, dname, layout):
     (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
     inputs = _focus_inputs(shape, dtype, layout, dev)
@@ -30,14 +28,11 @@ def test_forward_matches_reference(target, sname, dname, layout):
     assert kf.dtype == dtype and kf.device == inputs[0].device and kf.shape == shape[:1]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("sname", [s for s in SHAPES if s != "N0"])
+@over_cases(empty_batch=False)
 def test_backward_matches_reference(target, sname, dname, layout):
     (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
     inputs = _focus_inputs(shape, dtype, layout, dev, requires_grad=True)
-    fused = grads(lambda *a: ops.focus(*a, backend=backend), inputs)
-    ref = grads(reference.focus, inputs)
+    fused, ref = fused_and_reference_grads("focus", backend, inputs)
     hw = shape[2] * shape[3]
     for i, (a, b) in enumerate(zip(fused, ref)):
         if i == 0:
@@ -141,8 +136,7 @@ def test_mlp_matches_reference(target, sname, dname):
     assert k.dtype == dtype and k.shape == MLP_SHAPES[sname][:1]
     if MLP_SHAPES[sname][0] == 0:
         return
-    fused = grads(lambda *a: ops.mlp(*a, backend=backend), inputs)
-    ref = grads(reference.mlp, inputs)
+    fused, ref = fused_and_reference_grads("mlp", backend, inputs)
     for i, (a, b) in enumerate(zip(fused, ref)):
         torch.testing.assert_close(a, b, **TOL[dtype] if i == 0 else grad_tol(dtype),
                                    msg=lambda m: f"gradient {i} of mlp: {m}")

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import (DTYPES, LAYOUTS, NATIVE_TARGETS, SHAPES, TOL, assert_names_argument,
-                      assert_same_bits_at_any_thread_count, grad_tol, grads, make, make_gate_inputs, make_k,
-                      memory_format_of, opcheck, other_device, shape_of)
+from op_cases import (DTYPES, LAYOUTS, NATIVE_TARGETS, TOL, assert_names_argument, assert_same_bits_at_any_thread_count,
+                     fused_and_reference_grads, grad_tol, grads, make, make_gate_inputs, make_k, memory_format_of,
+                     opcheck, other_device, over_cases, shape_of)
 
 from fanet_kernels import ops, reference
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("sname", list(SHAPES))
+@over_cases()
 def test_forward_matches_reference(target, sname, dname, layout):
     (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
     x, u, k = make_gate_inputs(shape, dtype, layout, dev)
@@ -33,15 +31,12 @@ def test_forward_matches_reference(target, sname, dname, layout):
     assert out.is_contiguous(memory_format=want) and out2.is_contiguous(memory_format=want)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("sname", [s for s in SHAPES if s != "N0"])
+@over_cases(empty_batch=False)
 @pytest.mark.parametrize("op", ["gate", "gate_pool"])
 def test_backward_matches_reference(target, op, sname, dname, layout):
     (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
     inputs = make_gate_inputs(shape, dtype, layout, dev, requires_grad=True)
-    fused = grads(lambda *a: getattr(ops, op)(*a, backend=backend), inputs)
-    ref = grads(getattr(reference, op), inputs)
+    fused, ref = fused_and_reference_grads(op, backend, inputs)
     for i, (a, b) in enumerate(zip(fused, ref)):
         tol = TOL[dtype] if i < 2 else grad_tol(dtype)  # grad_x, grad_u per element; grad_k a sum
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {i} of {op}: {m}")

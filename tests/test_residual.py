@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import (BAD_ERRORS, DTYPES, LAYOUTS, SHAPES, TOL, grad_tol, grads, make, make_gate_inputs, make_k,
-                      memory_format_of, native_ops, opcheck, other_device, shape_of)
+from op_cases import (BAD_ERRORS, DTYPES, LAYOUTS, TOL, fused_and_reference_grads, grad_tol, grads, make,
+                     make_gate_inputs, make_k, memory_format_of, native_ops, opcheck, other_device, over_cases,
+                     shape_of)
 
 from fanet_kernels import ops, reference
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("sname", list(SHAPES))
+@over_cases()
 def test_forward_matches_reference(target, sname, dname, layout):
     """The public op, and the raw op (torch.ops.<namespace>.residual_gate_pool) but at the largest
     shape, as the reference."""
@@ -33,14 +32,11 @@ def test_forward_matches_reference(target, sname, dname, layout):
     assert out.is_contiguous(memory_format=memory_format_of(x, layout))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("sname", [s for s in SHAPES if s != "N0"])
+@over_cases(empty_batch=False)
 def test_backward_matches_reference(target, sname, dname, layout):
     (backend, dev), dtype, shape = target, DTYPES[dname], shape_of(sname, target)
     inputs = make_gate_inputs(shape, dtype, layout, dev, requires_grad=True)
-    fused = grads(lambda *a: ops.residual_gate_pool(*a, backend=backend), inputs)
-    ref = grads(reference.residual_gate_pool, inputs)
+    fused, ref = fused_and_reference_grads("residual_gate_pool", backend, inputs)
     for i, (a, b) in enumerate(zip(fused, ref)):
         tol = TOL[dtype] if i < 2 else grad_tol(dtype)  # grad_x, grad_branch are per element
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {i} of residual_gate_pool: {m}")

@@ -15,15 +15,12 @@ import sys
 
 import pytest
 import torch
-from op_cases import LAYOUTS, TOL, grads, k_dtype, make, make_focus_weights, make_k
+from op_cases import LAYOUTS, TOL, grads, k_dtype, make, make_focus_weights, make_k, triton_device
 
 import fanet_kernels as fk
 from fanet_kernels import reference
 
-pytest.importorskip("triton")
-if "triton" not in fk.available_backends("cpu") and not torch.cuda.is_available():
-    pytest.skip("the triton backend runs neither on CPU (no TRITON_INTERPRET=1) nor on a GPU here",
-                allow_module_level=True)
+DEVICE = triton_device()
 
 import fanet_kernels.triton as ft  # noqa: E402
 from fanet_kernels.triton import bn_gate as ft_bn  # noqa: E402
@@ -31,7 +28,6 @@ from fanet_kernels.triton import common  # noqa: E402
 from fanet_kernels.triton import focus as ft_focus  # noqa: E402
 from fanet_kernels.triton import gate as ft_gate  # noqa: E402
 
-DEVICE = "cpu" if "triton" in fk.available_backends("cpu") else "cuda"
 OPS = torch.ops.fanet_triton
 
 

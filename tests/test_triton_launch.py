@@ -10,15 +10,9 @@ import contextlib
 
 import pytest
 import torch
+from op_cases import make, make_focus_weights, make_k, triton_device
 
-pytest.importorskip("triton")
-
-import fanet_kernels as fk  # noqa: E402
-from op_cases import make, make_focus_weights, make_k  # noqa: E402
-
-if "triton" not in fk.available_backends("cpu") and not torch.cuda.is_available():
-    pytest.skip("the triton backend runs neither on CPU (no TRITON_INTERPRET=1) nor on a GPU here",
-                allow_module_level=True)
+DEVICE = triton_device()
 
 import triton  # noqa: E402
 
@@ -27,7 +21,6 @@ from fanet_kernels.triton import common  # noqa: E402
 from fanet_kernels.triton import focus as ft_focus  # noqa: E402
 from fanet_kernels.triton import gate as ft_gate  # noqa: E402
 
-DEVICE = "cpu" if "triton" in fk.available_backends("cpu") else "cuda"
 MODULES = (common, ft_gate, ft_bn, ft_focus)
 
 

@@ -22,19 +22,7 @@ GatePoolResult gate_pool(const GateInputs& in, const at::Tensor& norm = at::Tens
 GateGrads gate_backward(const GateBackwardInputs& b, const at::Tensor& k, const at::Tensor& norm = at::Tensor(),
                         const at::Tensor& csum = at::Tensor());
 
-// ---- bn_gate.cpp ----
-void batch_stats(const at::Tensor& z, const at::Tensor& shift, at::MemoryFormat fmt, const at::Tensor& mean,
-                 const at::Tensor& var, const at::Tensor& z_mean);
-void norm_table(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight, const at::Tensor& bias,
-                double eps, const at::Tensor& t);
-BnGateGrads bn_gate_backward(const GateBackwardInputs& b, const at::Tensor& k, const at::Tensor& norm, bool training);
-BnGateSums bn_gate_sums(const GateBackwardInputs& b, const at::Tensor& k, const at::Tensor& table);
-void norm_grad(const at::Tensor& gz, const at::Tensor& z, const at::Tensor& t, at::MemoryFormat fmt);
-
-// ---- focus.cpp ----
-at::Tensor pool_acc(const at::Tensor& x, at::MemoryFormat fmt);
-void mlp(const at::Tensor& inputs, const MlpWeights& w, const at::Tensor& hidden, const at::Tensor& k,
-         const at::Tensor& grad_k, const at::Tensor& grad_z, const at::Tensor& grad_h, const at::Tensor& grad_inputs);
-void broadcast_pool_grad(const at::Tensor& grad_pool, const at::Tensor& gx, at::MemoryFormat fmt);
+// ---- bn_gate.cpp, focus.cpp ----
+#include "../common/device_ops.inc"
 
 }  // namespace fanet::cpu

@@ -47,13 +47,11 @@ inline void forward_step(const scalar_t* x, const scalar_t* u, scalar_t* out, in
   }
 }
 
-template <typename scalar_t, Fwd kMode, bool kResidual, bool kNorm>
-void forward_nchw(const scalar_t* x, const scalar_t* u, const at::opmath_type<scalar_t>* k,
-                  const at::opmath_type<scalar_t>* norm, scalar_t* out, at::opmath_type<scalar_t>* pooled, int64_t N,
-                  int64_t C, int64_t HW, int64_t norm_stride, bool no_gate) {
-  using P = AccPair<scalar_t>;
+template <typename scalar_t, Fwd kMode, bool kResidual, bool kNorm, typename P = AccPair<scalar_t>>
+void forward_nchw(const ForwardSweep<scalar_t>& s) {
   using acc_t = typename P::acc_t;
   using AVec = typename P::AVec;
+  const auto& [x, u, k, norm, out, pooled, N, C, HW, nhwc, residual, norm_stride, no_gate] = s;
   const ChannelTable<P, kNormRows> table{norm, C, norm_stride};
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
     // Locals, not the captured references: vector stores may alias anything, so the compiler would
@@ -84,13 +82,11 @@ void forward_nchw(const scalar_t* x, const scalar_t* u, const at::opmath_type<sc
   });
 }
 
-template <typename scalar_t, Fwd kMode, bool kResidual, bool kNorm>
-void forward_nhwc(const scalar_t* x, const scalar_t* u, const at::opmath_type<scalar_t>* k,
-                  const at::opmath_type<scalar_t>* norm, scalar_t* out, at::opmath_type<scalar_t>* pooled, int64_t N,
-                  int64_t C, int64_t HW, int64_t norm_stride, bool no_gate) {
-  using P = AccPair<scalar_t>;
+template <typename scalar_t, Fwd kMode, bool kResidual, bool kNorm, typename P = AccPair<scalar_t>>
+void forward_nhwc(const ForwardSweep<scalar_t>& s) {
   using acc_t = typename P::acc_t;
   using AVec = typename P::AVec;
+  const auto& [x, u, k, norm, out, pooled, N, C, HW, nhwc, residual, norm_stride, no_gate] = s;
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   const bool span = spans_rows<P>(C);
   const ChannelTable<P, kNormRows> table{norm, C, norm_stride};
@@ -204,14 +200,11 @@ inline void backward_step(const scalar_t* g, const scalar_t* x, const scalar_t* 
   s1 = s1 + math::gate_grad_k_term(g1, x1, u1);
 }
 
-template <typename scalar_t, bool kFold, bool kResidual, bool kNorm>
-void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x, const scalar_t* u,
-                        const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* norm, scalar_t* gx,
-                        scalar_t* gu, double* partial, at::opmath_type<scalar_t>* csum, int64_t N, int64_t C,
-                        int64_t HW, int64_t norm_stride, bool no_gate) {
-  using P = AccPair<scalar_t>;
+template <typename scalar_t, bool kFold, bool kResidual, bool kNorm, typename P = AccPair<scalar_t>>
+void gate_backward_nchw(const BackwardSweep<scalar_t>& s) {
   using acc_t = typename P::acc_t;
   using AVec = typename P::AVec;
+  const auto& [g, gp, x, u, k, norm, gx, gu, partial, csum, N, C, HW, nhwc, residual, norm_stride, no_gate] = s;
   const AVec ihv(acc_t(1) / acc_t(HW));
   const ChannelTable<P, kNormRows> table{norm, C, norm_stride};
   at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
@@ -241,14 +234,11 @@ void gate_backward_nchw(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
   });
 }
 
-template <typename scalar_t, bool kFold, bool kResidual, bool kNorm>
-void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, const scalar_t* x, const scalar_t* u,
-                        const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* norm, scalar_t* gx,
-                        scalar_t* gu, double* partial, at::opmath_type<scalar_t>* csum, int64_t N, int64_t C,
-                        int64_t HW, int64_t norm_stride, bool no_gate) {
-  using P = AccPair<scalar_t>;
+template <typename scalar_t, bool kFold, bool kResidual, bool kNorm, typename P = AccPair<scalar_t>>
+void gate_backward_nhwc(const BackwardSweep<scalar_t>& s) {
   using acc_t = typename P::acc_t;
   using AVec = typename P::AVec;
+  const auto& [g, gp, x, u, k, norm, gx, gu, partial, csum, N, C, HW, nhwc, residual, norm_stride, no_gate] = s;
   const AVec ihv(acc_t(1) / acc_t(HW)), zero(acc_t(0));
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   const bool span = spans_rows<P>(C);
@@ -323,21 +313,17 @@ void gate_backward_nhwc(const scalar_t* g, const at::opmath_type<scalar_t>* gp, 
 template <typename scalar_t, Fwd kMode, bool kResidual, bool kNorm>
 void forward(const ForwardSweep<scalar_t>& s) {
   if (s.channels_last)
-    forward_nhwc<scalar_t, kMode, kResidual, kNorm>(s.x, s.u, s.k, s.norm, s.out, s.pooled, s.N, s.C, s.HW,
-                                                        s.norm_stride, s.no_gate);
+    forward_nhwc<scalar_t, kMode, kResidual, kNorm>(s);
   else
-    forward_nchw<scalar_t, kMode, kResidual, kNorm>(s.x, s.u, s.k, s.norm, s.out, s.pooled, s.N, s.C, s.HW,
-                                                        s.norm_stride, s.no_gate);
+    forward_nchw<scalar_t, kMode, kResidual, kNorm>(s);
 }
 
 template <typename scalar_t, bool kFold, bool kResidual, bool kNorm>
 void backward(const BackwardSweep<scalar_t>& s) {
   if (s.channels_last)
-    gate_backward_nhwc<scalar_t, kFold, kResidual, kNorm>(s.g, s.gp, s.x, s.u, s.k, s.norm, s.gx, s.gu, s.partial,
-                                                          s.csum, s.N, s.C, s.HW, s.norm_stride, s.no_gate);
+    gate_backward_nhwc<scalar_t, kFold, kResidual, kNorm>(s);
   else
-    gate_backward_nchw<scalar_t, kFold, kResidual, kNorm>(s.g, s.gp, s.x, s.u, s.k, s.norm, s.gx, s.gu, s.partial,
-                                                          s.csum, s.N, s.C, s.HW, s.norm_stride, s.no_gate);
+    gate_backward_nchw<scalar_t, kFold, kResidual, kNorm>(s);
 }
 
 }  // namespace fanet::cpu::CPU_CAPABILITY

@@ -26,20 +26,9 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& u, const at::Tensor& k);
 GatePoolResult gate_pool(const GateInputs& in);  // gate_pool and residual_gate_pool (in.residual)
 GateGrads gate_backward(const GateBackwardInputs& b, const at::Tensor& k);
 
-// ---- bn_gate.cu ----
-void batch_stats(const at::Tensor& z, const at::Tensor& shift, at::MemoryFormat fmt, const at::Tensor& mean,
-                 const at::Tensor& var, const at::Tensor& z_mean);
-void norm_table(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight, const at::Tensor& bias,
-                double eps, const at::Tensor& t);
+// ---- bn_gate.cu, focus.cu ----
+#include "../common/device_ops.inc"
+// bn_residual_gate_pool's forward (the CPU's is gate_pool with a table).
 GatePoolResult bn_gate_pool(const GateInputs& in, const at::Tensor& norm);
-BnGateGrads bn_gate_backward(const GateBackwardInputs& b, const at::Tensor& k, const at::Tensor& norm, bool training);
-BnGateSums bn_gate_sums(const GateBackwardInputs& b, const at::Tensor& k, const at::Tensor& table);
-void norm_grad(const at::Tensor& gz, const at::Tensor& z, const at::Tensor& t, at::MemoryFormat fmt);
-
-// ---- focus.cu ----
-at::Tensor pool_acc(const at::Tensor& x, at::MemoryFormat fmt);
-void mlp(const at::Tensor& inputs, const MlpWeights& w, const at::Tensor& hidden, const at::Tensor& k,
-         const at::Tensor& grad_k, const at::Tensor& grad_z, const at::Tensor& grad_h, const at::Tensor& grad_inputs);
-void broadcast_pool_grad(const at::Tensor& grad_pool, const at::Tensor& gx, at::MemoryFormat fmt);
 
 }  // namespace fanet::cuda
