@@ -309,21 +309,21 @@ void gate_backward_nhwc(const BackwardSweep<scalar_t>& s) {
   });
 }
 
-// The sweep s in its layout.
+// Runs s with kNhwc or kNchw, by its layout.
+template <auto kNhwc, auto kNchw, typename Sweep>
+void by_layout(const Sweep& s) {
+  (s.channels_last ? kNhwc : kNchw)(s);
+}
+
 template <typename scalar_t, Fwd kMode, bool kResidual, bool kNorm>
 void forward(const ForwardSweep<scalar_t>& s) {
-  if (s.channels_last)
-    forward_nhwc<scalar_t, kMode, kResidual, kNorm>(s);
-  else
-    forward_nchw<scalar_t, kMode, kResidual, kNorm>(s);
+  by_layout<&forward_nhwc<scalar_t, kMode, kResidual, kNorm>, &forward_nchw<scalar_t, kMode, kResidual, kNorm>>(s);
 }
 
 template <typename scalar_t, bool kFold, bool kResidual, bool kNorm>
 void backward(const BackwardSweep<scalar_t>& s) {
-  if (s.channels_last)
-    gate_backward_nhwc<scalar_t, kFold, kResidual, kNorm>(s);
-  else
-    gate_backward_nchw<scalar_t, kFold, kResidual, kNorm>(s);
+  by_layout<&gate_backward_nhwc<scalar_t, kFold, kResidual, kNorm>,
+            &gate_backward_nchw<scalar_t, kFold, kResidual, kNorm>>(s);
 }
 
 }  // namespace fanet::cpu::CPU_CAPABILITY
