@@ -79,17 +79,26 @@ def _report(line: str, flag_error: bool = False) -> int:
     return 2
 
 
+def _input_size(args: argparse.Namespace) -> Optional[int]:
+    """The side of the command's input images, if its flags say it (eval without --dataset: None)."""
+    from .data import DATASETS, effective_image_size
+    if getattr(args, "dataset", None) not in DATASETS:
+        return None
+    return effective_image_size(args.dataset, getattr(args, "image_size", None))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
-    train, compare and eval run with ``THP_MEM_ALLOC_ENABLE=1`` on Linux unless the environment sets
-    it or ``--no-thp`` is given (:mod:`fanet_kernels.cli.thp`); with ``argv`` given (main() called
-    in-process) the variable is restored afterwards and the process is never re-executed."""
+    train, compare and eval run with ``THP_MEM_ALLOC_ENABLE=1`` on Linux for inputs larger than 32x32
+    unless the environment sets it or ``--no-thp`` is given (:mod:`fanet_kernels.cli.thp`); with
+    ``argv`` given (main() called in-process) the variable is restored afterwards and the process is
+    never re-executed."""
     saved_thp = os.environ.get(thp.ENV)
     try:
         args = build_parser().parse_args(argv)
         if hasattr(args, "no_thp"):
-            status = thp.setup(off=args.no_thp, may_reexec=argv is None)
+            status = thp.setup(off=args.no_thp, may_reexec=argv is None, image_size=_input_size(args))
             if status is not None and int(os.environ.get("RANK", "0")) == 0:
                 print(status.line(), flush=True)
         return int(args.func(args) or 0)

@@ -1,5 +1,5 @@
 """PyTorch's transparent-huge-page allocation of large CPU tensors, on by default for the commands that
-train or time models.
+train or evaluate models on inputs larger than 32x32.
 
 With ``THP_MEM_ALLOC_ENABLE=1`` PyTorch aligns CPU allocations of 2 MiB or more to 2 MiB and marks them
 ``madvise(MADV_HUGEPAGE)``: a fresh activation then costs one page fault per 2 MiB instead of one per
@@ -9,6 +9,10 @@ PyTorch reads the variable once, at its first CPU allocation, so it must be in t
 then.  Importing torch and fanet_kernels allocates nothing on the CPU, so setting it at the start of
 ``main()`` is enough; :func:`setup` checks that it took effect (the kernel's ``THPeligible`` flag of a
 fresh 4 MiB tensor's mapping) and, if something allocated first, re-executes the process once with it set.
+
+Inputs of 32x32 or less (digits, CIFAR) keep it off by default: their activations stay under 32 MiB, where
+glibc reuses freed memory without faults and huge pages add faults instead (a FA-ResNet-56 CIFAR step at
+batch 128 took 4-8 % longer with it, benchmarks/PROFILE.md item 15).
 """
 from __future__ import annotations
 
@@ -22,8 +26,17 @@ ENV = "THP_MEM_ALLOC_ENABLE"
 REEXEC_MARK = "FANET_THP_REEXEC"
 KERNEL_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 PROBE_BYTES = 4 << 20
-FLAG_HELP = (f"do not set {ENV}=1 (set by default on Linux unless the environment sets it: PyTorch then "
-             "allocates CPU tensors of 2 MiB or more on transparent huge pages, with fewer page faults)")
+# Inputs of this side or less get the variable off by default (see the module docstring).
+SMALL_INPUT = 32
+FLAG_HELP = (f"do not set {ENV}=1 (set by default on Linux for inputs larger than {SMALL_INPUT}x{SMALL_INPUT} "
+             "unless the environment sets it: PyTorch then allocates CPU tensors of 2 MiB or more on "
+             "transparent huge pages, with fewer page faults)")
+
+
+def default_value(image_size: Optional[int]) -> str:
+    """The value fanet sets when neither the environment nor --no-thp decides: "0" for inputs of
+    SMALL_INPUT x SMALL_INPUT or less, else (or when the size is not known yet) "1"."""
+    return "0" if image_size is not None and image_size <= SMALL_INPUT else "1"
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,9 @@ class Status:
         head = f"fanet: {ENV}={self.value}"
         if self.source == "--no-thp":
             return f"{head} (--no-thp): CPU tensors use PyTorch's default allocation (4 KiB pages)"
+        if self.source == "fanet" and not enabled(self.value):
+            return (f"{head} (set by fanet for inputs of {SMALL_INPUT}x{SMALL_INPUT} or less; {ENV}=1 in the "
+                    "environment turns it on): CPU tensors use PyTorch's default allocation (4 KiB pages)")
         if not enabled(self.value):
             return f"{head} (from the environment): CPU tensors use PyTorch's default allocation (4 KiB pages)"
         if self.kernel == "never":
@@ -90,10 +106,11 @@ def huge_pages_active() -> Optional[bool]:
     return None
 
 
-def setup(off: bool, may_reexec: bool) -> Optional[Status]:
+def setup(off: bool, may_reexec: bool, image_size: Optional[int] = None) -> Optional[Status]:
     """Put ``THP_MEM_ALLOC_ENABLE`` in the environment as the command should run: as the user set it,
-    else 1 (0 with ``off``, the ``--no-thp`` flag, which wins over the environment).  Returns what this
-    process runs with, or None off Linux (the variable does nothing there).
+    else :func:`default_value` of the command's input size (0 with ``off``, the ``--no-thp`` flag, which
+    wins over the environment).  Returns what this process runs with, or None off Linux (the variable
+    does nothing there).
 
     ``may_reexec``: the caller owns the process (``main()`` called as the program); if the setting did
     not take effect because PyTorch had already allocated, the process is re-executed once with it set."""
@@ -107,7 +124,7 @@ def setup(off: bool, may_reexec: bool) -> Optional[Status]:
     elif os.environ.get(ENV) is not None:
         value, source = os.environ[ENV], "environment"
     else:
-        value, source = "1", "fanet"
+        value, source = default_value(image_size), "fanet"
     os.environ[ENV] = value
     kernel = kernel_mode()
     active = None
