@@ -259,6 +259,20 @@ def update_running_stats(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                 running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
 
 
+def with_running_stats(op: Callable, outputs: int) -> Callable:
+    """A backend's entry for a BatchNorm op whose fused ``op`` returns its batch statistics: called as the
+    public op is (F.batch_norm's momentum before eps, which ``op`` does not take), it returns ``op``'s first
+    ``outputs`` results (one: that tensor) and updates the running stats from the (mean, var) after them."""
+    def run(*args):
+        *head, momentum, eps = args
+        results = op(*head, eps)
+        running_mean, running_var, training = head[-3:]
+        update_running_stats(args[1], results[outputs], results[outputs + 1], running_mean, running_var, training,
+                             momentum)
+        return tuple(results[:outputs]) if outputs > 1 else results[0]
+    return run
+
+
 _warned_missing = False
 
 

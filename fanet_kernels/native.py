@@ -33,37 +33,14 @@ def cuda_kernels_built() -> bool:
     return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("fanet::gate", "CUDA")
 
 
-def _bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, training, momentum, eps):
-    """The C++ op, and the running stats updated from the batch statistics it returns."""
-    out, pooled, mean, var = torch.ops.fanet.bn_residual_gate_pool(x, z, k, weight, bias, running_mean,
-                                                                    running_var, training, eps)
-    backends.update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
-    return out, pooled
-
-
-def _bn_se_residual_gate_pool(x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training,
-                              momentum, eps):
-    """The C++ op (BatchNorm -> SE tail and gate), and the running stats updated from its statistics."""
-    out, pooled, mean, var, _ = torch.ops.fanet.bn_se_residual_gate_pool(
-        x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training, eps)
-    backends.update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
-    return out, pooled
-
-
-def _bn_se_residual(x, z, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training, momentum,
-                    eps):
-    """The C++ op (BatchNorm -> SE tail, no gate), and the running stats updated from its statistics."""
-    out, mean, var, _ = torch.ops.fanet.bn_se_residual(x, z, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean,
-                                                       running_var, training, eps)
-    backends.update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
-    return out
-
-
 def _backend(name: str, device_check: Optional[Callable[[torch.device], Optional[str]]] = None) -> backends.Backend:
     ops = {op: getattr(torch.ops.fanet, op).default for op in FORWARD_OPS}
-    return backends.Backend(name=name, devices=(name,), **ops, bn_residual_gate_pool=_bn_residual_gate_pool,
-                            bn_se_residual_gate_pool=_bn_se_residual_gate_pool, bn_se_residual=_bn_se_residual,
-                            checks_args=True, func_transforms=False, device_check=device_check)
+    # The BatchNorm ops return their batch statistics; the entries update the running stats from them.
+    norm_ops = {op: backends.with_running_stats(getattr(torch.ops.fanet, op).default, outputs)
+                for op, outputs in (("bn_residual_gate_pool", 2), ("bn_se_residual_gate_pool", 2),
+                                    ("bn_se_residual", 1))}
+    return backends.Backend(name=name, devices=(name,), **ops, **norm_ops, checks_args=True, func_transforms=False,
+                            device_check=device_check)
 
 
 if HAS_EXTENSION:

@@ -10,7 +10,7 @@ the ops are declared in :mod:`fanet_kernels.opdefs`, their compiled kernels load
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -30,6 +30,21 @@ def _call(op: str, backend: Optional[str], *args: Any) -> Any:
     if not impl.checks_args:
         opdefs.OPS[op].check(*args)
     return getattr(impl, op)(*args)
+
+
+def _call_norm(op: str, backend: Optional[str], args: tuple, momentum: float, eps: float,
+               fallback: Optional[Callable[[backends.Backend], Any]] = None) -> Any:
+    """The BatchNorm ops, as _call (their checks take eps, not momentum); where the backend has no
+    kernel for ``op`` or the batch is empty, ``fallback(backend)`` (default: the reference's ``op``)."""
+    impl = _backend_for(backend, args[0])
+    fused = getattr(impl, op)
+    if fused is None or args[0].numel() == 0:
+        if fallback is not None:
+            return fallback(impl)
+        return getattr(backends.load("reference"), op)(*args, momentum, eps)
+    if not impl.checks_args:
+        opdefs.OPS[op].check(*args, eps)
+    return fused(*args, momentum, eps)
 
 
 def gate(x: torch.Tensor, u: torch.Tensor, k: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -62,13 +77,11 @@ def bn_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, wei
     cpu, cuda and triton backends one op: the batch statistics take one read of z, the normalized branch
     is never written, and the backward is two passes instead of the gate's and BatchNorm's three.  The
     reference backend runs F.batch_norm and its residual_gate_pool."""
-    impl = _backend_for(backend, x)
-    if impl.bn_residual_gate_pool is None or x.numel() == 0:
+    def unfused(impl: backends.Backend) -> tuple[torch.Tensor, torch.Tensor]:
         branch = torch.nn.functional.batch_norm(z, running_mean, running_var, weight, bias, training, momentum, eps)
         return residual_gate_pool(x, branch, k, backend=impl.name)
-    if not impl.checks_args:
-        opdefs.OPS["bn_residual_gate_pool"].check(x, z, k, weight, bias, running_mean, running_var, training, eps)
-    return impl.bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, training, momentum, eps)
+    return _call_norm("bn_residual_gate_pool", backend, (x, z, k, weight, bias, running_mean, running_var, training),
+                      momentum, eps, unfused)
 
 
 def bn_se_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, weight: torch.Tensor,
@@ -82,13 +95,9 @@ def bn_se_residual_gate_pool(x: torch.Tensor, z: torch.Tensor, k: torch.Tensor, 
     ``residual_gate_pool(x, B * e[n, c], k)``.  The running stats are updated as F.batch_norm updates
     them.  On the fused backends the forward reads z twice and x once and writes out (B is never
     written), the backward is two passes; the reference runs the eager block tail."""
-    impl = _backend_for(backend, x)
-    args = (x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training)
-    if impl.bn_se_residual_gate_pool is None or x.numel() == 0:
-        return backends.load("reference").bn_se_residual_gate_pool(*args, momentum, eps)
-    if not impl.checks_args:
-        opdefs.OPS["bn_se_residual_gate_pool"].check(*args, eps)
-    return impl.bn_se_residual_gate_pool(*args, momentum, eps)
+    return _call_norm("bn_se_residual_gate_pool", backend,
+                      (x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training),
+                      momentum, eps)
 
 
 def bn_se_residual(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, se_w1: torch.Tensor,
@@ -98,13 +107,9 @@ def bn_se_residual(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias:
                    backend: Optional[str] = None) -> torch.Tensor:
     """The same block tail with no FA gate, for SE networks: ``relu(B * e[n, c] + x)`` in one op (the
     forward reads z twice and x once and writes the output; no pool)."""
-    impl = _backend_for(backend, x)
-    args = (x, z, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training)
-    if impl.bn_se_residual is None or x.numel() == 0:
-        return backends.load("reference").bn_se_residual(*args, momentum, eps)
-    if not impl.checks_args:
-        opdefs.OPS["bn_se_residual"].check(*args, eps)
-    return impl.bn_se_residual(*args, momentum, eps)
+    return _call_norm("bn_se_residual", backend,
+                      (x, z, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training),
+                      momentum, eps)
 
 
 def focus(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,

@@ -16,7 +16,7 @@ except ImportError as exc:  # backends.load() reports this as "unavailable"
                       f"(pip install triton): {exc}") from exc
 
 from .. import reference
-from ..backends import Backend, register, update_running_stats
+from ..backends import Backend, register, with_running_stats
 from . import bn_gate, common, focus, gate  # registers torch.ops.fanet_triton.*
 from .common import AUTOTUNE, INTERPRET
 
@@ -29,34 +29,13 @@ def _residual_gate_pool(x, branch, k):
     return tuple(gate.residual_gate_pool(x, branch, k))
 
 
-def _bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var, training, momentum, eps):
-    """The fused op, and the running stats updated from the batch statistics it returns."""
-    out, pooled, mean, var = bn_gate.bn_residual_gate_pool(x, z, k, weight, bias, running_mean, running_var,
-                                                           training, eps)
-    update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
-    return out, pooled
-
-
-def _bn_se_residual_gate_pool(x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training,
-                              momentum, eps):
-    out, pooled, mean, var, _ = bn_gate.bn_se_residual_gate_pool(x, z, k, weight, bias, se_w1, se_b1, se_w2, se_b2,
-                                                                 running_mean, running_var, training, eps)
-    update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
-    return out, pooled
-
-
-def _bn_se_residual(x, z, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean, running_var, training, momentum,
-                    eps):
-    out, mean, var, _ = bn_gate.bn_se_residual(x, z, weight, bias, se_w1, se_b1, se_w2, se_b2, running_mean,
-                                               running_var, training, eps)
-    update_running_stats(z, mean, var, running_mean, running_var, training, momentum)
-    return out
-
-
 BACKEND = Backend(name="triton", devices=("cuda", "cpu") if INTERPRET else ("cuda",),
                   gate=gate.gate, gate_pool=_gate_pool, focus=focus.focus,
-                  residual_gate_pool=_residual_gate_pool, bn_residual_gate_pool=_bn_residual_gate_pool,
-                  bn_se_residual_gate_pool=_bn_se_residual_gate_pool, bn_se_residual=_bn_se_residual,
+                  residual_gate_pool=_residual_gate_pool,
+                  # the BatchNorm ops return their batch statistics; the entries update the running stats
+                  bn_residual_gate_pool=with_running_stats(bn_gate.bn_residual_gate_pool, 2),
+                  bn_se_residual_gate_pool=with_running_stats(bn_gate.bn_se_residual_gate_pool, 2),
+                  bn_se_residual=with_running_stats(bn_gate.bn_se_residual, 1),
                   mlp=reference.mlp,  # a few tiny matrix products, no pass over activations: plain PyTorch
                   func_transforms=False)
 register(BACKEND)
