@@ -16,9 +16,11 @@
 //  - every sum (pools, grad_k, batch statistics and channel sums, weight gradients, the
 //    MLP head's dot products) is added in another order on each device: those agree to
 //    rounding, not bit for bit, and so do the outputs computed from them;
-//  - exp_ in the MLP head's sigmoid: CUDA's expf is within 2 ulp, glibc's within 0.502 ulp
-//    (exp: 1 and 0.511), so given the same z, k' = 1 / (1 + exp(-z)) differs by at most
+//  - exp_ in the MLP head's and the SE scale's sigmoid: CUDA's expf is within 2 ulp, glibc's within
+//    0.502 ulp (exp: 1 and 0.511), so given the same z, k' = 1 / (1 + exp(-z)) differs by at most
 //    7 ulp in float and 5 in double (those bounds through the rounded add and division);
+//  - the SE tail's excitation: its matrix products are ATen's (BLAS, cuBLAS); its sums over the
+//    batch (se_norm_grad_column) are added in the same order on both devices;
 //  - NaN payloads: a NaN is NaN on both devices, its bits may differ;
 //  - denormals are kept on both, unless torch.set_flush_denormal(True) makes the CPU flush them.
 #pragma once
@@ -199,6 +201,69 @@ FANET_HD void norm_grad_column(const T* norm, int64_t C, int64_t c, double sum_g
   gt[kGradScale * C + c] = scale;
   gt[kGradXhat * C + c] = training ? T(-double(scale) * sum_gx / M) : T(0);
   gt[kGradConst * C + c] = training ? T(-double(scale) * sum_g / M) : T(0);
+}
+
+// ---- SE inside the BatchNorm gate (bn_se_residual_gate_pool, bn_se_residual) ----------
+// The branch is S = B * e[n, c] with e = sigmoid(w2 relu(w1 q + b1) + b2) and SE's squeeze
+// q = mean_hw(B) = alpha * zbar + beta (zbar: z's plane mean).  These are the per-sample pieces of
+// its (N, C) arithmetic; the excitation's matrix products are ATen's (op_drivers.h).
+
+// q[n, c] from zbar[n, c], in double, rounded once.
+template <typename T>
+FANET_HD T se_squeeze(T zbar, T alpha, T beta) {
+  return T(double(alpha) * double(zbar) + double(beta));
+}
+
+// Column c of one sample's (kNormRows, C) table t: S = z (alpha e) + beta e; xhat's rows unchanged.
+template <typename T>
+FANET_HD void se_table_column(const T* norm, int64_t C, int64_t c, T e, T* t) {
+  t[kAlpha * C + c] = norm[kAlpha * C + c] * e;
+  t[kBeta * C + c] = norm[kBeta * C + c] * e;
+  t[kInvstd * C + c] = norm[kInvstd * C + c];
+  t[kShift * C + c] = norm[kShift * C + c];
+}
+
+// The gradient of e's pre-activation at (n, c), from the plane sums P0 = sum grad_S and
+// P1 = sum grad_S * xhat: d loss / d e = w P1 + b P0 (S = (w xhat + b) e), through the sigmoid.
+FANET_HD double se_scale_grad(double w, double b, double p0, double p1, double e) {
+  const double de = w * p1 + b * p0;
+  return de * e * (1.0 - e);
+}
+
+// Channel c of the SE tail's BatchNorm backward, summed over the batch in order (double): with
+// dB = grad_S e + dq / HW (dq: the squeeze's gradient, through mean_hw) and xbar = zbar invstd +
+// shift (mean_hw xhat), grad_bias = sum_n (e P0 + dq), grad_weight = sum_n (e P1 + dq xbar), and
+// grad_b2 = sum_n da (da: se_scale_grad).  Then column c of each sample's (kGradRows, C) table gt
+// (sample stride kGradRows * C) for norm_input_grad over grad_S: scale e, and in training
+// xhat_coef = -scale grad_weight / M, constant = scale (dq / HW - grad_bias / M), in eval 0 and
+// scale dq / HW (scale = w invstd = alpha, M = N HW).  Per sample, p[n * C + c] indexes e, dq, da,
+// zbar; sums[(n * C + c) * ks + {0, 1}] holds P0, P1.
+template <typename T>
+FANET_HD void se_norm_grad_column(const T* norm, const T* zbar, const T* sums, int64_t ks, const T* e,
+                                  const double* dq, const double* da, int64_t N, int64_t C, int64_t c, int64_t HW,
+                                  bool training, T& grad_weight, T& grad_bias, double& grad_b2, T* gt) {
+  const double invstd = norm[kInvstd * C + c], shift = norm[kShift * C + c], scale = norm[kAlpha * C + c];
+  double gw = 0, gb = 0, gb2 = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t p = n * C + c;
+    const double en = e[p], xbar = double(zbar[p]) * invstd + shift;
+    gb += en * double(sums[p * ks]) + dq[p];
+    gw += en * double(sums[p * ks + 1]) + dq[p] * xbar;
+    gb2 += da[p];
+  }
+  grad_weight = T(gw);
+  grad_bias = T(gb);
+  grad_b2 = gb2;
+  const double M = double(N * HW);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t p = n * C + c;
+    T* t = gt + n * kGradRows * C;
+    t[kGradInvstd * C + c] = T(invstd);
+    t[kGradShift * C + c] = T(shift);
+    t[kGradScale * C + c] = T(scale * double(e[p]));
+    t[kGradXhat * C + c] = training ? T(-scale * gw / M) : T(0);
+    t[kGradConst * C + c] = training ? T(scale * (dq[p] / double(HW) - gb / M)) : T(scale * dq[p] / double(HW));
+  }
 }
 
 // ---- MLP head: k = sigmoid(w2 . relu(w1 . inputs + b1) + b2) -------------------------

@@ -21,7 +21,8 @@ namespace fanet {
 // layout the kernels run in (GateInputs.fmt, or fmt); "acc": in the accumulation dtype (acc_dtype).
 template <typename D>
 concept DeviceKernels = requires(const at::Tensor& t, const GateInputs& in, const GateBackwardInputs& b,
-                                 const MlpWeights& w, at::MemoryFormat fmt, double eps, bool training) {
+                                 const MlpWeights& w, at::MemoryFormat fmt, double eps, bool training,
+                                 int64_t hw) {
   D::guard(t);                                       // an RAII guard of t's device, or any dummy value
   { D::gate(t, t, t) } -> std::same_as<at::Tensor>;  // the gate op itself, checks included
   // With in.residual, u is a branch B and the gate weights towards U = relu(B + x).
@@ -53,6 +54,19 @@ concept DeviceKernels = requires(const at::Tensor& t, const GateInputs& in, cons
   { D::bn_gate_sums(b, t, t) } -> std::same_as<BnGateSums>;
   // norm_grad(gz, z, table, fmt): pass 2 over gz in place with an (N, kGradRows, C) table.
   { D::norm_grad(t, t, t, fmt) } -> std::same_as<void>;
+  // The SE tail's (N, C) arithmetic (fa_math.h's se_* functions; acc unless said; sums as
+  // bn_gate_sums returns them, (N, C, >= 2) with unit last stride):
+  // se_squeeze(norm, z_mean, q) fills q (N, C) with SE's squeeze;
+  { D::se_squeeze(t, t, t) } -> std::same_as<void>;
+  // se_scale(norm, e, table): e (N, C) holds the excitation's pre-activation and becomes its sigmoid,
+  // the scale; table (N, kNormRows, C) is filled;
+  { D::se_scale(t, t, t) } -> std::same_as<void>;
+  // se_scale_grad(sums, e, weight, bias, da) fills da (N, C, double), the pre-activation's gradient;
+  { D::se_scale_grad(t, t, t, t, t) } -> std::same_as<void>;
+  // se_norm_grad(norm, z_mean, sums, e, dq, da, HW, training, grad_weight, grad_bias, grad_b2, table)
+  // with dq, da (N, C) double fills grad_weight, grad_bias (C,), grad_b2 (C, double) and the
+  // (N, kGradRows, C) table of norm_grad.
+  { D::se_norm_grad(t, t, t, t, t, t, hw, training, t, t, t, t) } -> std::same_as<void>;
 };
 
 template <DeviceKernels Device>
@@ -231,32 +245,33 @@ BnGateGrads bn_residual_gate_pool_backward_op(const std::optional<at::Tensor>& g
 }
 
 // ---- bn_se_residual_gate_pool and bn_se_residual: the BatchNorm -> SE tail -------------------
-// Forward: z's plane sums give the batch statistics (training) and z's plane means z_mean; the squeeze
-// q = alpha z_mean + beta (in double), e = sigmoid(W2 relu(W1 q + b1) + b2) on (N, C) with ATen ops,
-// then the BatchNorm gate's sweep with the per-sample table (alpha e, beta e, invstd, shift).
+// Forward: z's plane sums give the batch statistics (training) and z's plane means z_mean; the squeeze,
+// the excitation e on (N, C) (Device::se_* per sample, its two matrix products ATen's), then the
+// BatchNorm gate's sweep with the per-sample table (alpha e, beta e, invstd, shift).
 // Backward: pass 1 with that table gives grad_S and its sums P0, P1 per (n, c); the excitation's
-// backward and BatchNorm's totals on (N, C) in float64; pass 2 with an (N, kGradRows, C) table.
+// backward and BatchNorm's totals on (N, C) in double; pass 2 with an (N, kGradRows, C) table.
+// fa_math.h's se_* functions hold the formulas.
 
 struct SeArgs {
   const at::Tensor &weight, &bias, &w1, &b1, &w2, &b2;
 };
 
-// (squeeze, hidden, e) in the accumulation dtype of z_mean, from z_mean and the (kNormRows, C) table.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> se_excitation(const at::Tensor& z_mean, const at::Tensor& norm,
-                                                                    const SeArgs& a) {
-  const auto acc = z_mean.scalar_type();
-  const at::Tensor q = (norm.select(0, kAlpha).to(at::kDouble) * z_mean.to(at::kDouble) +
-                        norm.select(0, kBeta).to(at::kDouble))
-                           .to(acc);
-  const at::Tensor hidden = at::relu(at::linear(q, a.w1.to(acc), a.b1.to(acc)));
-  return {q, hidden, at::sigmoid(at::linear(hidden, a.w2.to(acc), a.b2.to(acc)))};
-}
+struct SeExcitation {
+  at::Tensor q, hidden, e, table;  // (N, C), (N, R), (N, C) acc; the (N, kNormRows, C) table
+};
 
-// The per-sample (N, kNormRows, C) table: alpha and beta scaled by e[n, c].
-inline at::Tensor se_table(const at::Tensor& norm, const at::Tensor& e) {
-  at::Tensor t = norm.unsqueeze(0).repeat({e.size(0), 1, 1});
-  t.narrow(1, 0, 2).mul_(e.unsqueeze(1));
-  return t.contiguous();
+// SE's squeeze, hidden units and scale from z_mean and the (kNormRows, C) table, in z_mean's (acc)
+// dtype, and the per-sample table of the sweeps.
+template <DeviceKernels Device>
+SeExcitation se_excitation(const at::Tensor& z_mean, const at::Tensor& norm, const SeArgs& a) {
+  const auto acc = z_mean.scalar_type();
+  at::Tensor q = at::empty_like(z_mean);
+  Device::se_squeeze(norm, z_mean, q);
+  at::Tensor hidden = at::addmm(a.b1.to(acc), q, a.w1.to(acc).t()).relu_();
+  at::Tensor e = at::addmm(a.b2.to(acc), hidden, a.w2.to(acc).t());
+  at::Tensor table = at::empty({z_mean.size(0), kNormRows, z_mean.size(1)}, z_mean.options());
+  Device::se_scale(norm, e, table);
+  return {q, hidden, e, table};
 }
 
 // in: checked (residual, z in in.u); k ones where in.no_gate.
@@ -278,9 +293,8 @@ BnSeGatePoolResult bn_se_forward(GateInputs in, const SeArgs& a, const std::opti
     var = acc_vector(*running_var, acc).clone();
   }
   const at::Tensor norm = norm_table<Device>(mean, var, a.weight, a.bias, eps);
-  const at::Tensor e = std::get<2>(se_excitation(z_mean, norm, a));
   in.norm_stride = kNormRows * C;
-  auto [out, pooled] = Device::gate_pool(in, se_table(norm, e));
+  auto [out, pooled] = Device::gate_pool(in, se_excitation<Device>(z_mean, norm, a).table);
   return {out, pooled, mean, var, z_mean};
 }
 
@@ -326,7 +340,7 @@ BnSeGateGrads bn_se_backward(GateBackwardInputs b, const at::Tensor& k, const Se
   const at::Tensor &x = b.in.x, &z = b.in.u;
   const auto acc = acc_dtype(x.scalar_type());
   const auto wdt = a.w1.scalar_type();
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t N = x.size(0), C = x.size(1);
   if (x.numel() == 0) {
     const auto fmt = b.in.fmt;
     return {at::empty(x.sizes(), x.options().memory_format(fmt)), at::empty(x.sizes(), x.options().memory_format(fmt)),
@@ -334,44 +348,31 @@ BnSeGateGrads bn_se_backward(GateBackwardInputs b, const at::Tensor& k, const Se
             at::zeros_like(a.b1), at::zeros_like(a.w2), at::zeros_like(a.b2)};
   }
   const at::Tensor norm = norm_table<Device>(acc_vector(mean, acc), acc_vector(var, acc), a.weight, a.bias, eps);
-  const at::Tensor zm = z_mean.to(acc);
-  const auto [q, hidden, e] = se_excitation(zm, norm, a);
+  const at::Tensor zm = z_mean.to(acc).contiguous();
+  const auto [q, hidden, e, table] = se_excitation<Device>(zm, norm, a);
   b.in.norm_stride = kNormRows * C;
-  auto [gx, gz, gk, sums] = Device::bn_gate_sums(b, k, se_table(norm, e));
-  // The excitation's backward and the BatchNorm's totals, on (N, C) in float64.
-  const auto f64 = at::kDouble;
-  const at::Tensor p0 = sums.select(2, 0).to(f64), p1 = sums.select(2, 1).to(f64);
-  const at::Tensor e64 = e.to(f64), h64 = hidden.to(f64), q64 = q.to(f64);
-  const at::Tensor de = a.weight.to(f64) * p1 + a.bias.to(f64) * p0;
-  const at::Tensor da = de * e64 * (1 - e64);
-  const at::Tensor dh = at::mm(da, a.w2.to(f64)).masked_fill(h64 <= 0, 0);
-  const at::Tensor dq = at::mm(dh, a.w1.to(f64));
-  const at::Tensor grad_bias = (e64 * p0 + dq).sum(0);
-  const at::Tensor invstd = norm.select(0, kInvstd).to(f64), shift = norm.select(0, kShift).to(f64);
-  const at::Tensor xbar = zm.to(f64) * invstd + shift;  // mean_hw(xhat)
-  const at::Tensor grad_weight = (e64 * p1 + dq * xbar).sum(0);
-  const at::Tensor scale = norm.select(0, kAlpha).to(f64);  // weight * invstd
-  const double M = double(N * HW);
-  at::Tensor xcoef, cst;
-  if (training) {
-    xcoef = (-scale * grad_weight / M).expand({N, C});
-    cst = scale * (dq / double(HW) - grad_bias / M);
-  } else {
-    xcoef = at::zeros_like(dq);
-    cst = scale * dq / double(HW);
-  }
-  const at::Tensor coefs =
-      at::stack({invstd.expand({N, C}), shift.expand({N, C}), scale * e64, xcoef, cst}, 1).to(acc).contiguous();
+  auto [gx, gz, gk, sums] = Device::bn_gate_sums(b, k, table);
+  // The excitation's backward and the BatchNorm's totals, on (N, C) in double.
+  const auto f64 = x.options().dtype(at::kDouble);
+  const at::Tensor da = at::empty({N, C}, f64);
+  Device::se_scale_grad(sums, e, acc_vector(a.weight, acc), acc_vector(a.bias, acc), da);
+  const at::Tensor h64 = hidden.to(at::kDouble);
+  const at::Tensor dh = at::threshold_backward(at::mm(da, a.w2.to(at::kDouble)), h64, 0);  // relu's: NaN passes
+  const at::Tensor dq = at::mm(dh, a.w1.to(at::kDouble));
+  const auto acc_opts = x.options().dtype(acc);
+  at::Tensor grad_w = at::empty({C}, acc_opts), grad_b = at::empty({C}, acc_opts), grad_b2 = at::empty({C}, f64);
+  at::Tensor coefs = at::empty({N, kGradRows, C}, acc_opts);
+  Device::se_norm_grad(norm, zm, sums, e, dq, da, x.size(2) * x.size(3), training, grad_w, grad_b, grad_b2, coefs);
   Device::norm_grad(gz, z, coefs, b.in.fmt);
   return {gx,
           gz,
           gk,
-          grad_weight.to(acc).to(a.weight.scalar_type()),
-          grad_bias.to(acc).to(a.bias.scalar_type()),
-          at::mm(dh.t(), q64).to(wdt),
+          grad_w.to(a.weight.scalar_type()),
+          grad_b.to(a.bias.scalar_type()),
+          at::mm(dh.t(), q.to(at::kDouble)).to(wdt),
           dh.sum(0).to(wdt),
           at::mm(da.t(), h64).to(wdt),
-          da.sum(0).to(wdt)};
+          grad_b2.to(wdt)};
 }
 
 template <DeviceKernels Device>

@@ -1,6 +1,7 @@
 // bn_residual_gate_pool on the CPU, host side: z's batch statistics, the BatchNorm table, and the
 // backward's two passes.  Its forward is gate.cpp's gate_pool with the table.
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include "../common/fa_math.h"
 #include "kernels.h"
@@ -47,7 +48,12 @@ void batch_stats(const Tensor& z, const Tensor& shift, at::MemoryFormat fmt, con
     if (z_mean.defined()) {
       const acc_t* cp = csum.const_data_ptr<acc_t>();
       acc_t* zm = z_mean.mutable_data_ptr<acc_t>();
-      for (int64_t p = 0; p < N * C; ++p) zm[p] = acc_t(double(kp[p % C]) + double(cp[2 * p]) / double(HW));
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t p = n * C + c;
+          zm[p] = acc_t(double(kp[c]) + double(cp[2 * p]) / double(HW));
+        }
+      }
     }
   });
 }
@@ -109,6 +115,75 @@ void norm_grad(const Tensor& gz, const Tensor& z, const Tensor& t, at::MemoryFor
     kernels<scalar_t>().norm_grad(gz.mutable_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
                                   t.const_data_ptr<Acc<scalar_t>>(), kGradRows * C, N, C, HW,
                                   fmt == at::MemoryFormat::ChannelsLast);
+  });
+}
+
+// ---- the SE tail's (N, C) arithmetic (fa_math.h's se_*), per sample ----
+namespace {
+
+// f(n, c, p) for every entry p = n * C + c of an (N, C) tensor, in parallel over samples: a few
+// operations each.
+template <typename F>
+void per_entry(int64_t N, int64_t C, const F& f) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n)
+      for (int64_t c = 0; c < C; ++c) f(n, c, n * C + c);
+  });
+}
+
+}  // namespace
+
+void se_squeeze(const Tensor& norm, const Tensor& z_mean, const Tensor& q) {
+  const int64_t C = z_mean.size(1);
+  AT_DISPATCH_FLOATING_TYPES(z_mean.scalar_type(), "fanet_se_squeeze_cpu", [&] {
+    const scalar_t *np = norm.const_data_ptr<scalar_t>(), *zp = z_mean.const_data_ptr<scalar_t>();
+    scalar_t* qp = q.mutable_data_ptr<scalar_t>();
+    per_entry(z_mean.size(0), C, [&](int64_t, int64_t c, int64_t p) {
+      qp[p] = math::se_squeeze(zp[p], np[kAlpha * C + c], np[kBeta * C + c]);
+    });
+  });
+}
+
+void se_scale(const Tensor& norm, const Tensor& e, const Tensor& table) {
+  const int64_t C = e.size(1);
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "fanet_se_scale_cpu", [&] {
+    const scalar_t* np = norm.const_data_ptr<scalar_t>();
+    scalar_t *ep = e.mutable_data_ptr<scalar_t>(), *tp = table.mutable_data_ptr<scalar_t>();
+    per_entry(e.size(0), C, [&](int64_t n, int64_t c, int64_t p) {
+      ep[p] = math::sigmoid(ep[p]);
+      math::se_table_column(np, C, c, ep[p], tp + n * kNormRows * C);
+    });
+  });
+}
+
+void se_scale_grad(const Tensor& sums, const Tensor& e, const Tensor& weight, const Tensor& bias, const Tensor& da) {
+  const int64_t C = e.size(1), ks = sums.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "fanet_se_scale_grad_cpu", [&] {
+    const scalar_t *sp = sums.const_data_ptr<scalar_t>(), *ep = e.const_data_ptr<scalar_t>(),
+                   *wp = weight.const_data_ptr<scalar_t>(), *bp = bias.const_data_ptr<scalar_t>();
+    double* dp = da.mutable_data_ptr<double>();
+    per_entry(e.size(0), C, [&](int64_t, int64_t c, int64_t p) {
+      dp[p] = math::se_scale_grad(wp[c], bp[c], sp[p * ks], sp[p * ks + 1], ep[p]);
+    });
+  });
+}
+
+void se_norm_grad(const Tensor& norm, const Tensor& z_mean, const Tensor& sums, const Tensor& e, const Tensor& dq,
+                  const Tensor& da, int64_t hw, bool training, const Tensor& grad_weight, const Tensor& grad_bias,
+                  const Tensor& grad_b2, const Tensor& table) {
+  const int64_t N = e.size(0), C = e.size(1);
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "fanet_se_norm_grad_cpu", [&] {
+    const scalar_t *np = norm.const_data_ptr<scalar_t>(), *zp = z_mean.const_data_ptr<scalar_t>(),
+                   *sp = sums.const_data_ptr<scalar_t>(), *ep = e.const_data_ptr<scalar_t>();
+    const double *dqp = dq.const_data_ptr<double>(), *dap = da.const_data_ptr<double>();
+    scalar_t *gwp = grad_weight.mutable_data_ptr<scalar_t>(), *gbp = grad_bias.mutable_data_ptr<scalar_t>(),
+             *tp = table.mutable_data_ptr<scalar_t>();
+    double* gb2p = grad_b2.mutable_data_ptr<double>();
+    at::parallel_for(0, C, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t end) {
+      for (int64_t c = b; c < end; ++c)
+        math::se_norm_grad_column(np, zp, sp, sums.stride(1), ep, dqp, dap, N, C, c, hw, training, gwp[c], gbp[c],
+                                  gb2p[c], tp);
+    });
   });
 }
 

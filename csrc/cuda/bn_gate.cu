@@ -163,6 +163,57 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- the SE tail's (N, C) arithmetic (fa_math.h's se_*): a thread per (n, c), or per channel --------
+#define FANET_FOR_EACH(i, count) \
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < (count); i += int64_t(gridDim.x) * kThreads)
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    se_squeeze_kernel(const acc_t* __restrict__ norm, const acc_t* __restrict__ zbar, int64_t NC, int64_t C,
+                      acc_t* __restrict__ q) {
+  FANET_FOR_EACH(p, NC) {
+    const int64_t c = p % C;
+    q[p] = math::se_squeeze(zbar[p], norm[kAlpha * C + c], norm[kBeta * C + c]);
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    se_scale_kernel(const acc_t* __restrict__ norm, acc_t* __restrict__ e, int64_t NC, int64_t C,
+                    acc_t* __restrict__ table) {
+  FANET_FOR_EACH(p, NC) {
+    const acc_t en = math::sigmoid(e[p]);
+    e[p] = en;
+    math::se_table_column(norm, C, p % C, en, table + (p / C) * kNormRows * C);
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    se_scale_grad_kernel(const acc_t* __restrict__ sums, int64_t ks, const acc_t* __restrict__ e,
+                         const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, int64_t NC, int64_t C,
+                         double* __restrict__ da) {
+  FANET_FOR_EACH(p, NC) {
+    const int64_t c = p % C;
+    da[p] = math::se_scale_grad(weight[c], bias[c], sums[p * ks], sums[p * ks + 1], e[p]);
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    se_norm_grad_kernel(const acc_t* __restrict__ norm, const acc_t* __restrict__ zbar, const acc_t* __restrict__ sums,
+                        int64_t ks, const acc_t* __restrict__ e, const double* __restrict__ dq,
+                        const double* __restrict__ da, int64_t N, int64_t C, int64_t HW, bool training,
+                        acc_t* __restrict__ grad_w, acc_t* __restrict__ grad_b, double* __restrict__ grad_b2,
+                        acc_t* __restrict__ table) {
+  FANET_FOR_EACH(c, C) {
+    math::se_norm_grad_column(norm, zbar, sums, ks, e, dq, da, N, C, c, HW, training, grad_w[c], grad_b[c], grad_b2[c],
+                              table);
+  }
+}
+
+#undef FANET_FOR_EACH
+
 }  // namespace
 
 // Fills mean and var (C,) with z's batch statistics from its moments about shift (one read of z).
@@ -310,6 +361,54 @@ BnGateGrads bn_gate_backward(const GateBackwardInputs& b, const Tensor& k, const
                    in.fmt, N, C, HW, acc_opts);
   });
   return {gx, gz, gk.to(k.scalar_type()), grad_w, grad_b};
+}
+
+// ---- the SE tail's (N, C) arithmetic: launches (acc tensors as DeviceKernels says) ----
+
+void se_squeeze(const Tensor& norm, const Tensor& z_mean, const Tensor& q) {
+  const int64_t NC = z_mean.numel(), C = z_mean.size(1);
+  if (NC == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(z_mean.scalar_type(), "fanet_se_squeeze_cuda", [&] {
+    se_squeeze_kernel<scalar_t><<<stride_grid(NC, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        norm.const_data_ptr<scalar_t>(), z_mean.const_data_ptr<scalar_t>(), NC, C, q.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void se_scale(const Tensor& norm, const Tensor& e, const Tensor& table) {
+  const int64_t NC = e.numel(), C = e.size(1);
+  if (NC == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "fanet_se_scale_cuda", [&] {
+    se_scale_kernel<scalar_t><<<stride_grid(NC, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        norm.const_data_ptr<scalar_t>(), e.mutable_data_ptr<scalar_t>(), NC, C, table.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void se_scale_grad(const Tensor& sums, const Tensor& e, const Tensor& weight, const Tensor& bias, const Tensor& da) {
+  const int64_t NC = e.numel(), C = e.size(1);
+  if (NC == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "fanet_se_scale_grad_cuda", [&] {
+    se_scale_grad_kernel<scalar_t><<<stride_grid(NC, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        sums.const_data_ptr<scalar_t>(), sums.stride(1), e.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+        bias.const_data_ptr<scalar_t>(), NC, C, da.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void se_norm_grad(const Tensor& norm, const Tensor& z_mean, const Tensor& sums, const Tensor& e, const Tensor& dq,
+                  const Tensor& da, int64_t hw, bool training, const Tensor& grad_weight, const Tensor& grad_bias,
+                  const Tensor& grad_b2, const Tensor& table) {
+  const int64_t N = e.size(0), C = e.size(1);
+  if (C == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "fanet_se_norm_grad_cuda", [&] {
+    se_norm_grad_kernel<scalar_t><<<stride_grid(C, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        norm.const_data_ptr<scalar_t>(), z_mean.const_data_ptr<scalar_t>(), sums.const_data_ptr<scalar_t>(),
+        sums.stride(1), e.const_data_ptr<scalar_t>(), dq.const_data_ptr<double>(), da.const_data_ptr<double>(), N, C,
+        hw, training, grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(),
+        grad_b2.mutable_data_ptr<double>(), table.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace fanet::cuda

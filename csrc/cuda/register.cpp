@@ -41,6 +41,19 @@ struct Cuda {
   static void norm_grad(const Tensor& gz, const Tensor& z, const Tensor& t, at::MemoryFormat fmt) {
     cuda::norm_grad(gz, z, t, fmt);
   }
+  static void se_squeeze(const Tensor& norm, const Tensor& z_mean, const Tensor& q) {
+    cuda::se_squeeze(norm, z_mean, q);
+  }
+  static void se_scale(const Tensor& norm, const Tensor& e, const Tensor& table) { cuda::se_scale(norm, e, table); }
+  static void se_scale_grad(const Tensor& sums, const Tensor& e, const Tensor& weight, const Tensor& bias,
+                            const Tensor& da) {
+    cuda::se_scale_grad(sums, e, weight, bias, da);
+  }
+  static void se_norm_grad(const Tensor& norm, const Tensor& z_mean, const Tensor& sums, const Tensor& e,
+                           const Tensor& dq, const Tensor& da, int64_t hw, bool training, const Tensor& grad_weight,
+                           const Tensor& grad_bias, const Tensor& grad_b2, const Tensor& table) {
+    cuda::se_norm_grad(norm, z_mean, sums, e, dq, da, hw, training, grad_weight, grad_bias, grad_b2, table);
+  }
 };
 
 }  // namespace
