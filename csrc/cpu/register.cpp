@@ -8,6 +8,7 @@ namespace fanet::cpu {
 namespace {
 
 using at::Tensor;
+namespace device = fanet::cpu;  // for device_members.inc
 
 struct Cpu {
   static int guard(const Tensor&) { return 0; }  // one device: nothing to guard
@@ -16,44 +17,7 @@ struct Cpu {
     return cpu::gate_pool(in, norm);
   }
   static GateGrads gate_backward(const GateBackwardInputs& b, const Tensor& k) { return cpu::gate_backward(b, k); }
-  static Tensor pool_acc(const Tensor& x, at::MemoryFormat fmt) { return cpu::pool_acc(x, fmt); }
-  static void mlp(const Tensor& inputs, const MlpWeights& w, const Tensor& hidden, const Tensor& k,
-                  const Tensor& grad_k, const Tensor& grad_z, const Tensor& grad_h, const Tensor& grad_inputs) {
-    cpu::mlp(inputs, w, hidden, k, grad_k, grad_z, grad_h, grad_inputs);
-  }
-  static void broadcast_pool_grad(const Tensor& grad_pool, const Tensor& gx, at::MemoryFormat fmt) {
-    cpu::broadcast_pool_grad(grad_pool, gx, fmt);
-  }
-  static void batch_stats(const Tensor& z, const Tensor& shift, at::MemoryFormat fmt, const Tensor& mean,
-                          const Tensor& var, const Tensor& z_mean) {
-    cpu::batch_stats(z, shift, fmt, mean, var, z_mean);
-  }
-  static void norm_table(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
-                         const Tensor& t) {
-    cpu::norm_table(mean, var, weight, bias, eps, t);
-  }
-  static BnGateGrads bn_gate_backward(const GateBackwardInputs& b, const Tensor& k, const Tensor& norm, bool training) {
-    return cpu::bn_gate_backward(b, k, norm, training);
-  }
-  static BnGateSums bn_gate_sums(const GateBackwardInputs& b, const Tensor& k, const Tensor& table) {
-    return cpu::bn_gate_sums(b, k, table);
-  }
-  static void norm_grad(const Tensor& gz, const Tensor& z, const Tensor& t, at::MemoryFormat fmt) {
-    cpu::norm_grad(gz, z, t, fmt);
-  }
-  static void se_squeeze(const Tensor& norm, const Tensor& z_mean, const Tensor& q) {
-    cpu::se_squeeze(norm, z_mean, q);
-  }
-  static void se_scale(const Tensor& norm, const Tensor& e, const Tensor& table) { cpu::se_scale(norm, e, table); }
-  static void se_scale_grad(const Tensor& sums, const Tensor& e, const Tensor& weight, const Tensor& bias,
-                            const Tensor& da) {
-    cpu::se_scale_grad(sums, e, weight, bias, da);
-  }
-  static void se_norm_grad(const Tensor& norm, const Tensor& z_mean, const Tensor& sums, const Tensor& e,
-                           const Tensor& dq, const Tensor& da, int64_t hw, bool training, const Tensor& grad_weight,
-                           const Tensor& grad_bias, const Tensor& grad_b2, const Tensor& table) {
-    cpu::se_norm_grad(norm, z_mean, sums, e, dq, da, hw, training, grad_weight, grad_bias, grad_b2, table);
-  }
+#include "../common/device_members.inc"
 };
 
 }  // namespace
