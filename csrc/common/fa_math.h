@@ -20,7 +20,7 @@
 //    0.502 ulp (exp: 1 and 0.511), so given the same z, k' = 1 / (1 + exp(-z)) differs by at most
 //    7 ulp in float and 5 in double (those bounds through the rounded add and division);
 //  - the SE tail's excitation: its matrix products are ATen's (BLAS, cuBLAS); its sums over the
-//    batch (se_norm_grad_column) are added in the same order on both devices;
+//    batch (add_se_norm_grad_terms) are added in the same order on both devices;
 //  - NaN payloads: a NaN is NaN on both devices, its bits may differ;
 //  - denormals are kept on both, unless torch.set_flush_denormal(True) makes the CPU flush them.
 #pragma once
@@ -230,40 +230,31 @@ FANET_HD double se_scale_grad(double w, double b, double p0, double p1, double e
   return de * e * (1.0 - e);
 }
 
-// Channel c of the SE tail's BatchNorm backward, summed over the batch in order (double): with
-// dB = grad_S e + dq / HW (dq: the squeeze's gradient, through mean_hw) and xbar = zbar invstd +
-// shift (mean_hw xhat), grad_bias = sum_n (e P0 + dq), grad_weight = sum_n (e P1 + dq xbar), and
-// grad_b2 = sum_n da (da: se_scale_grad).  Then column c of each sample's (kGradRows, C) table gt
-// (sample stride kGradRows * C) for norm_input_grad over grad_S: scale e, and in training
-// xhat_coef = -scale grad_weight / M, constant = scale (dq / HW - grad_bias / M), in eval 0 and
-// scale dq / HW (scale = w invstd = alpha, M = N HW).  Per sample, p[n * C + c] indexes e, dq, da,
-// zbar; sums[(n * C + c) * ks + {0, 1}] holds P0, P1.
+// The SE tail's BatchNorm backward, per channel c over the batch (double): with dB = grad_S e +
+// dq / HW (dq: the squeeze's gradient, through mean_hw) and xbar = zbar invstd + shift (mean_hw xhat),
+// grad_bias = sum_n (e P0 + dq), grad_weight = sum_n (e P1 + dq xbar), and grad_b2 = sum_n da
+// (da: se_scale_grad).  Sample n's terms, added in n's order on both devices:
 template <typename T>
-FANET_HD void se_norm_grad_column(const T* norm, const T* zbar, const T* sums, int64_t ks, const T* e,
-                                  const double* dq, const double* da, int64_t N, int64_t C, int64_t c, int64_t HW,
-                                  bool training, T& grad_weight, T& grad_bias, double& grad_b2, T* gt) {
-  const double invstd = norm[kInvstd * C + c], shift = norm[kShift * C + c], scale = norm[kAlpha * C + c];
-  double gw = 0, gb = 0, gb2 = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t p = n * C + c;
-    const double en = e[p], xbar = double(zbar[p]) * invstd + shift;
-    gb += en * double(sums[p * ks]) + dq[p];
-    gw += en * double(sums[p * ks + 1]) + dq[p] * xbar;
-    gb2 += da[p];
-  }
-  grad_weight = T(gw);
-  grad_bias = T(gb);
-  grad_b2 = gb2;
-  const double M = double(N * HW);
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t p = n * C + c;
-    T* t = gt + n * kGradRows * C;
-    t[kGradInvstd * C + c] = T(invstd);
-    t[kGradShift * C + c] = T(shift);
-    t[kGradScale * C + c] = T(scale * double(e[p]));
-    t[kGradXhat * C + c] = training ? T(-scale * gw / M) : T(0);
-    t[kGradConst * C + c] = training ? T(scale * (dq[p] / double(HW) - gb / M)) : T(scale * dq[p] / double(HW));
-  }
+FANET_HD void add_se_norm_grad_terms(const T* norm, int64_t C, int64_t c, T zbar, T p0, T p1, T e, double dq,
+                                     double da, double& gw, double& gb, double& gb2) {
+  const double en = e, xbar = double(zbar) * double(norm[kInvstd * C + c]) + double(norm[kShift * C + c]);
+  gb += en * double(p0) + dq;
+  gw += en * double(p1) + dq * xbar;
+  gb2 += da;
+}
+
+// Column c of one sample's (kGradRows, C) table t for norm_input_grad over grad_S, from the channel's
+// totals gw, gb: scale e, and in training xhat_coef = -scale gw / M, constant = scale (dq / HW - gb / M),
+// in eval 0 and scale dq / HW (scale = w invstd = alpha, M = N HW).
+template <typename T>
+FANET_HD void se_grad_table_column(const T* norm, int64_t C, int64_t c, T e, double dq, double gw, double gb,
+                                   int64_t HW, double M, bool training, T* t) {
+  const double scale = norm[kAlpha * C + c];
+  t[kGradInvstd * C + c] = norm[kInvstd * C + c];
+  t[kGradShift * C + c] = norm[kShift * C + c];
+  t[kGradScale * C + c] = T(scale * double(e));
+  t[kGradXhat * C + c] = training ? T(-scale * gw / M) : T(0);
+  t[kGradConst * C + c] = training ? T(scale * (dq / double(HW) - gb / M)) : T(scale * dq / double(HW));
 }
 
 // ---- MLP head: k = sigmoid(w2 . relu(w1 . inputs + b1) + b2) -------------------------

@@ -3,6 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../common/fa_math.h"
 #include "kernels.h"
 #include "ops.h"
@@ -168,21 +171,37 @@ void se_scale_grad(const Tensor& sums, const Tensor& e, const Tensor& weight, co
   });
 }
 
+// The batch sums by channel blocks, each walking the samples in order over contiguous rows; then the
+// per-sample table.
 void se_norm_grad(const Tensor& norm, const Tensor& z_mean, const Tensor& sums, const Tensor& e, const Tensor& dq,
                   const Tensor& da, int64_t hw, bool training, const Tensor& grad_weight, const Tensor& grad_bias,
                   const Tensor& grad_b2, const Tensor& table) {
-  const int64_t N = e.size(0), C = e.size(1);
+  const int64_t N = e.size(0), C = e.size(1), ks = sums.stride(1);
   AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "fanet_se_norm_grad_cpu", [&] {
     const scalar_t *np = norm.const_data_ptr<scalar_t>(), *zp = z_mean.const_data_ptr<scalar_t>(),
                    *sp = sums.const_data_ptr<scalar_t>(), *ep = e.const_data_ptr<scalar_t>();
     const double *dqp = dq.const_data_ptr<double>(), *dap = da.const_data_ptr<double>();
+    std::vector<double> gw(C, 0.0), gb(C, 0.0);
+    double* gb2 = grad_b2.mutable_data_ptr<double>();
+    std::fill(gb2, gb2 + C, 0.0);
+    at::parallel_for(0, C, std::max<int64_t>(16, 4096 / std::max<int64_t>(N, 1)), [&](int64_t c0, int64_t c1) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t p = n * C + c;
+          math::add_se_norm_grad_terms(np, C, c, zp[p], sp[p * ks], sp[p * ks + 1], ep[p], dqp[p], dap[p], gw[c], gb[c],
+                                       gb2[c]);
+        }
+      }
+    });
     scalar_t *gwp = grad_weight.mutable_data_ptr<scalar_t>(), *gbp = grad_bias.mutable_data_ptr<scalar_t>(),
              *tp = table.mutable_data_ptr<scalar_t>();
-    double* gb2p = grad_b2.mutable_data_ptr<double>();
-    at::parallel_for(0, C, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t end) {
-      for (int64_t c = b; c < end; ++c)
-        math::se_norm_grad_column(np, zp, sp, sums.stride(1), ep, dqp, dap, N, C, c, hw, training, gwp[c], gbp[c],
-                                  gb2p[c], tp);
+    for (int64_t c = 0; c < C; ++c) {
+      gwp[c] = scalar_t(gw[c]);
+      gbp[c] = scalar_t(gb[c]);
+    }
+    const double M = double(N * hw);
+    per_entry(N, C, [&](int64_t n, int64_t c, int64_t p) {
+      math::se_grad_table_column(np, C, c, ep[p], dqp[p], gw[c], gb[c], hw, M, training, tp + n * kGradRows * C);
     });
   });
 }

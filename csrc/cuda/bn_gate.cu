@@ -206,9 +206,20 @@ __global__ void __launch_bounds__(kThreads)
                         const double* __restrict__ da, int64_t N, int64_t C, int64_t HW, bool training,
                         acc_t* __restrict__ grad_w, acc_t* __restrict__ grad_b, double* __restrict__ grad_b2,
                         acc_t* __restrict__ table) {
-  FANET_FOR_EACH(c, C) {
-    math::se_norm_grad_column(norm, zbar, sums, ks, e, dq, da, N, C, c, HW, training, grad_w[c], grad_b[c], grad_b2[c],
-                              table);
+  FANET_FOR_EACH(c, C) {  // a thread per channel: the samples in order, as on the CPU
+    double gw = 0, gb = 0, gb2 = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t p = n * C + c;
+      math::add_se_norm_grad_terms(norm, C, c, zbar[p], sums[p * ks], sums[p * ks + 1], e[p], dq[p], da[p], gw, gb, gb2);
+    }
+    grad_w[c] = acc_t(gw);
+    grad_b[c] = acc_t(gb);
+    grad_b2[c] = gb2;
+    const double M = double(N * HW);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t p = n * C + c;
+      math::se_grad_table_column(norm, C, c, e[p], dq[p], gw, gb, HW, M, training, table + n * kGradRows * C);
+    }
   }
 }
 
