@@ -164,14 +164,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- the SE tail's (N, C) arithmetic (fa_math.h's se_*): a thread per (n, c), or per channel --------
-#define FANET_FOR_EACH(i, count) \
-  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < (count); i += int64_t(gridDim.x) * kThreads)
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     se_squeeze_kernel(const acc_t* __restrict__ norm, const acc_t* __restrict__ zbar, int64_t NC, int64_t C,
                       acc_t* __restrict__ q) {
-  FANET_FOR_EACH(p, NC) {
+  for (int64_t p = int64_t(blockIdx.x) * kThreads + threadIdx.x; p < NC; p += int64_t(gridDim.x) * kThreads) {
     const int64_t c = p % C;
     q[p] = math::se_squeeze(zbar[p], norm[kAlpha * C + c], norm[kBeta * C + c]);
   }
@@ -181,7 +179,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     se_scale_kernel(const acc_t* __restrict__ norm, acc_t* __restrict__ e, int64_t NC, int64_t C,
                     acc_t* __restrict__ table) {
-  FANET_FOR_EACH(p, NC) {
+  for (int64_t p = int64_t(blockIdx.x) * kThreads + threadIdx.x; p < NC; p += int64_t(gridDim.x) * kThreads) {
     const acc_t en = math::sigmoid(e[p]);
     e[p] = en;
     math::se_table_column(norm, C, p % C, en, table + (p / C) * kNormRows * C);
@@ -193,7 +191,7 @@ __global__ void __launch_bounds__(kThreads)
     se_scale_grad_kernel(const acc_t* __restrict__ sums, int64_t ks, const acc_t* __restrict__ e,
                          const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, int64_t NC, int64_t C,
                          double* __restrict__ da) {
-  FANET_FOR_EACH(p, NC) {
+  for (int64_t p = int64_t(blockIdx.x) * kThreads + threadIdx.x; p < NC; p += int64_t(gridDim.x) * kThreads) {
     const int64_t c = p % C;
     da[p] = math::se_scale_grad(weight[c], bias[c], sums[p * ks], sums[p * ks + 1], e[p]);
   }
@@ -206,11 +204,13 @@ __global__ void __launch_bounds__(kThreads)
                         const double* __restrict__ da, int64_t N, int64_t C, int64_t HW, bool training,
                         acc_t* __restrict__ grad_w, acc_t* __restrict__ grad_b, double* __restrict__ grad_b2,
                         acc_t* __restrict__ table) {
-  FANET_FOR_EACH(c, C) {  // a thread per channel: the samples in order, as on the CPU
+  // A thread per channel: the samples in order, as on the CPU.
+  for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < C; c += int64_t(gridDim.x) * kThreads) {
     double gw = 0, gb = 0, gb2 = 0;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t p = n * C + c;
-      math::add_se_norm_grad_terms(norm, C, c, zbar[p], sums[p * ks], sums[p * ks + 1], e[p], dq[p], da[p], gw, gb, gb2);
+      math::add_se_norm_grad_terms(norm, C, c, zbar[p], sums[p * ks], sums[p * ks + 1], e[p], dq[p], da[p], gw, gb,
+                                   gb2);
     }
     grad_w[c] = acc_t(gw);
     grad_b[c] = acc_t(gb);
@@ -222,8 +222,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
-
-#undef FANET_FOR_EACH
 
 }  // namespace
 
@@ -401,8 +399,8 @@ void se_scale_grad(const Tensor& sums, const Tensor& e, const Tensor& weight, co
   if (NC == 0) return;
   AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "fanet_se_scale_grad_cuda", [&] {
     se_scale_grad_kernel<scalar_t><<<stride_grid(NC, 1), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        sums.const_data_ptr<scalar_t>(), sums.stride(1), e.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-        bias.const_data_ptr<scalar_t>(), NC, C, da.mutable_data_ptr<double>());
+        sums.const_data_ptr<scalar_t>(), sums.stride(1), e.const_data_ptr<scalar_t>(),
+        weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), NC, C, da.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
